@@ -33,3 +33,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+proto: install
+	$(BIN)/python scripts/gen_protos.py

@@ -1,0 +1,68 @@
+"""Configuration of the engine's components: one frozen dataclass each, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Size and shape of the paged KV cache."""
+
+    # Tokens per KV block.
+    block_size: int = 16
+    # Exact number of blocks; wins over kv_cache_gib when set (tests use it).
+    num_blocks: int | None = None
+    # Memory for the KV cache; None: a quarter of the memory available at start-up.
+    kv_cache_gib: float | None = None
+    # Share KV blocks between requests with the same prompt prefix.
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise InvalidRequestError("block_size", f"must be in [1, 1024], got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidRequestError("num_blocks", f"must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise InvalidRequestError("kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets of the continuous-batching scheduler."""
+
+    # Tokens computed in one step, prefill chunks and decode tokens together.
+    max_num_batched_tokens: int = 2048
+    # Requests in the running batch.
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise InvalidRequestError(
+                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine runs and how: model source, numerics, cache and scheduler."""
+
+    # A Hugging Face model directory or a GGUF file; None: the default SmolLM2.
+    model: str | None = None
+    # "bfloat16" | "float32" | "float16"; None: bfloat16.
+    dtype: str | None = None
+    device: str = "cpu"
+    # Longest sequence (prompt + output); None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise InvalidRequestError("device", f"must be cpu or cuda, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError("max_model_len", f"must be >= 2, got {self.max_model_len}")

@@ -1,0 +1,242 @@
+"""The engine: scheduler, KV-cache manager and model runner driven step by step.
+
+Single-threaded by design: `engine_loop.EngineLoop` owns the one thread that
+calls it, so nothing here takes a lock. Request lifecycle:
+1. add_request: validated against the context and the pool, queued WAITING
+   (or add_remote_request: blocks reserved, WAITING_FOR_REMOTE_KV).
+2. step: the scheduler picks tokens, the runner computes and samples them,
+   the output processor detokenizes and checks stop conditions.
+3. finished (stop, length, abort): blocks freed, a last RequestOutput emitted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.kv_cache_manager import KVCacheManager, KVCacheStats
+from pdserve.engine.model_loader import LoadedModel, load_model
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.models.llama import LayerHook, LlamaModel
+from pdserve.engine.outputs import OutputProcessor, RequestOutput
+from pdserve.engine.sampling import SampleOutput, SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
+
+
+def _default_kv_gib() -> float:
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(0.25, available / 4 / 2**30)
+    except (ValueError, OSError, AttributeError):
+        return 1.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
+        self.config = config
+        if model is None:
+            model = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.loaded = model
+        spec = model.spec
+        self.spec = spec
+        self.tokenizer = model.tokenizer
+        self.device = torch.device(config.device)
+        self.dtype = next(iter(model.weights.values())).dtype
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        self.kv_cache = KVCache(
+            spec.num_layers, spec.num_kv_heads, spec.head_dim,
+            self._num_blocks(), config.cache.block_size, self.dtype, self.device,
+        )
+        self.kv = KVCacheManager(self.kv_cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        model_fn = LlamaModel(spec, model.hf_config, model.weights, self.max_model_len)
+        self.runner = ModelRunner(model_fn, self.kv_cache, self.device)
+        self.outputs = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []
+        self.num_steps = 0
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        gib = cache.kv_cache_gib if cache.kv_cache_gib is not None else _default_kv_gib()
+        per_block = KVCache.bytes_per_block(
+            self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, cache.block_size, self.dtype
+        )
+        return max(1, int(gib * 2**30 // per_block))
+
+    # -- requests ---------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None = None,
+    ) -> Sequence:
+        """Queue a request; output_token_ids resumes one whose first tokens came from elsewhere."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        self.scheduler.add(seq)
+        self._track(seq)
+        return seq
+
+    def add_remote_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Reserve blocks for a prompt whose KV will be written by write_kv; CapacityError if no room."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, None)
+        if not self.scheduler.add_remote(seq):
+            raise CapacityError(
+                f"no room for {seq.num_tokens} tokens of KV ({self.kv.pool.num_free} blocks free)",
+                request_id=request_id,
+            )
+        self._track(seq)
+        return seq
+
+    def write_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V ([T, Hkv, D]) of positions [start, start + T) of a remote request's prompt."""
+        seq = self._remote_seq(request_id)
+        end = start + k.shape[0]
+        if not (0 <= start < end <= seq.num_prompt_tokens) or not (0 <= layer < self.spec.num_layers):
+            raise InvalidRequestError("kv_chunk", f"layer {layer} tokens [{start}, {end}) out of range",
+                                      request_id=request_id)
+        slots = self.kv_cache.slots(seq.block_table, start, end)
+        self.kv_cache.write(layer, slots, k.to(self.device), v.to(self.device))
+
+    def complete_remote_kv(self, request_id: str, first_token_id: int) -> None:
+        """The prompt's KV is written and its first token sampled remotely: start decoding."""
+        seq = self._remote_seq(request_id)
+        self.scheduler.remote_complete(seq)
+        self._emit_token(seq, first_token_id, None)
+
+    def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ([T, Hkv, D]) of positions [start, end) of a request still holding its blocks."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise NotFoundError(f"unknown request {request_id!r}")
+        return self.kv_cache.read(layer, seq.block_table, start, end)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.status.finished:
+            self._finish(seq, SequenceStatus.FINISHED_ABORTED, "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs) or bool(self._pending)
+
+    def has_work(self) -> bool:
+        """Whether a step would compute anything."""
+        return self.scheduler.has_work
+
+    def stats(self) -> KVCacheStats:
+        return self.kv.stats()
+
+    # -- the step ---------------------------------------------------------------
+
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            now = time.monotonic()
+            for s in sched.scheduled:
+                if s.seq.first_scheduled_time is None:
+                    s.seq.first_scheduled_time = now
+            sampled, samples = self.runner.execute(sched.scheduled, layer_hook)
+            for s in sched.scheduled:
+                s.seq.num_computed_tokens += s.num_new_tokens
+                self.kv.cache_computed_blocks(s.seq)
+            self.num_steps += 1
+            if samples is not None:
+                self._process_samples([s.seq for s in sampled], samples)
+        return self.step_outputs()
+
+    def step_outputs(self) -> list[RequestOutput]:
+        """Outputs produced since the last call (by steps, aborts or remote KV completion)."""
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    def _process_samples(self, seqs: list[Sequence], samples: SampleOutput) -> None:
+        for seq, token_id, logprobs in zip(seqs, samples.token_ids, samples.logprobs):
+            self._emit_token(seq, token_id, logprobs)
+
+    def _emit_token(self, seq: Sequence, token_id: int, logprobs) -> None:
+        seq.append_token(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        text, finished = self.outputs.on_token(seq, token_id)
+        lp = [logprobs] if seq.params.logprobs is not None else None
+        if finished is not None:
+            self._finish(seq, finished, text, [token_id], lp)
+        else:
+            self._pending.append(self._output(seq, [token_id], text, lp))
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, text: str,
+                token_ids: list[int] | None = None, logprobs=None) -> None:
+        self.scheduler.finish(seq, status)
+        self.outputs.remove(seq.request_id)
+        del self.seqs[seq.request_id]
+        out = self._output(seq, token_ids or [], text, logprobs)
+        out.finished = True
+        out.finish_reason = status.value
+        self._pending.append(out)
+
+    def _output(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
+        queue_s = ttft_s = None
+        if seq.first_scheduled_time is not None:
+            queue_s = seq.first_scheduled_time - seq.arrival_time
+        if seq.first_token_time is not None:
+            ttft_s = seq.first_token_time - seq.arrival_time
+        return RequestOutput(
+            request_id=seq.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens, queue_s=queue_s, ttft_s=ttft_s,
+            num_preemptions=seq.num_preemptions,
+        )
+
+    # -- checks -----------------------------------------------------------------
+
+    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams,
+                      output: list[int] | None) -> Sequence:
+        if request_id in self.seqs:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        self.validate_prompt(prompt, params, num_output_tokens=len(output or ()), request_id=request_id)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Sequence(request_id, list(prompt), params, seed, output)
+
+    def validate_prompt(self, prompt: list[int], params: SamplingParams, *, num_output_tokens: int = 0,
+                        request_id: str | None = None) -> None:
+        """Raise InvalidRequestError/CapacityError for a prompt this engine can never serve."""
+        if not prompt:
+            raise InvalidRequestError("prompt", "is empty", request_id=request_id)
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})", request_id=request_id)
+        total = len(prompt) + num_output_tokens
+        if total >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{total} tokens leave no room in the context of {self.max_model_len}",
+                request_id=request_id)
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens", f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the "
+                f"context of {self.max_model_len}", request_id=request_id)
+        needed = self.kv.num_blocks_for(len(prompt) + params.max_tokens)
+        if needed > self.kv.pool.num_blocks:
+            raise CapacityError(
+                f"needs {needed} KV blocks, more than the {self.kv.pool.num_blocks} this worker has",
+                request_id=request_id)
+
+    def _track(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.outputs.add(seq)
+
+    def _remote_seq(self, request_id: str) -> Sequence:
+        seq = self.scheduler.remote.get(request_id)
+        if seq is None:
+            raise NotFoundError(f"no request {request_id!r} is waiting for remote KV")
+        return seq

@@ -1,0 +1,167 @@
+"""The engine thread: the one owner of an LLMEngine, and the thread-safe door to it.
+
+Callers (a CLI, gRPC handlers on an asyncio loop) never touch the engine: they
+post commands to an inbox and receive each request's outputs through a sink.
+1. submit(): the command queues the request on the engine thread; outputs flow
+   to the request's sink (a queue.Queue for threads, an asyncio.Queue fed with
+   call_soon_threadsafe for the event loop).
+2. The thread drains the inbox, runs one step, dispatches outputs, repeats;
+   with no work it blocks on the inbox (no polling).
+3. abort() and a caller leaving an iterator early free the request's blocks
+   within one step. call(fn) runs fn(engine) on the thread (stats, KV import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.models.llama import LayerHook
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import FatalError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Sink = Callable[[RequestOutput], None]
+_STOP = object()
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, layer_hook: LayerHook | None = None) -> None:
+        self.engine = engine
+        self.layer_hook = layer_hook
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._failed: BaseException | None = None
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- commands (any thread) ---------------------------------------------------
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        """Run fn(engine) on the engine thread; the future holds its result or error."""
+        future: Future[T] = Future()
+        if self._failed is not None:
+            future.set_exception(FatalError(f"engine thread died: {self._failed!r}"))
+            return future
+        self._inbox.put((fn, future))
+        return future
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
+               output_token_ids: list[int] | None = None) -> Future[None]:
+        def add(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt_token_ids, params, output_token_ids)
+            self._sinks[request_id] = sink
+
+        return self.call(add)
+
+    def register_sink(self, request_id: str, sink: Sink) -> None:
+        """Route a request's outputs (one added through call()) to sink; engine thread only."""
+        self._sinks[request_id] = sink
+
+    def abort(self, request_id: str) -> None:
+        self.call(lambda engine: engine.abort_request(request_id))
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 timeout: float | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request, for a calling thread; leaving early aborts it."""
+        outputs: queue.Queue[RequestOutput] = queue.Queue()
+        self.submit(request_id, prompt_token_ids, params, outputs.put).result(timeout)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get(timeout=timeout)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def agenerate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                        output_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request, for an asyncio task; cancellation aborts it."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)  # noqa: E731
+        await asyncio.wrap_future(self.submit(request_id, prompt_token_ids, params, sink, output_token_ids))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_work()
+                if not self._drain(block):
+                    return
+                if self.engine.has_work():
+                    self._dispatch(self.engine.step(self.layer_hook))
+        except BaseException as exc:  # the engine is broken: fail every request, loudly
+            log.exception("engine thread died")
+            self._failed = exc
+            self._fail_all(exc)
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands; wait for one first if block. False on stop."""
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if item is _STOP:
+                return False
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # a bad command fails its caller, not the engine
+                    future.set_exception(exc)
+            self._dispatch(self.engine.step_outputs())
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                sink(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            sink(RequestOutput(request_id, [], "", None, finished=True, finish_reason="abort",
+                               error=FatalError(f"engine failed: {exc!r}")))
+        self._sinks.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                item[1].set_exception(FatalError(f"engine failed: {exc!r}"))

@@ -1,0 +1,76 @@
+"""The KV cache tensors: one K and one V tensor per layer, paged in blocks.
+
+Layout per layer: [num_kv_heads, num_blocks * block_size, head_dim], head-major,
+so gathering a batch's blocks is one `index_select` on dim 0 of a
+[num_kv_heads * num_blocks, block_size, head_dim] view that yields the
+[num_kv_heads * batch, context, head_dim] operand attention multiplies with,
+without a transpose copy. A token's slot is block_id * block_size + offset.
+Which blocks belong to whom is `kv_cache_manager`'s business, not this module's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
+        # Zeroed, not empty: padding slots are read (then masked) and must not hold NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * block_size * itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V of tokens at their slots. slots: [T]; k, v: [T, Hkv, D]."""
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+
+    def gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """Rows to gather for a batch: [Hkv * B * max_blocks], shared by every layer.
+
+        block_tables: [B, max_blocks] (padded with any valid block id; callers mask).
+        """
+        heads = torch.arange(self.num_kv_heads, device=block_tables.device) * self.num_blocks
+        return (heads.view(-1, 1, 1) + block_tables.unsqueeze(0)).reshape(-1)
+
+    def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a batch's blocks as [Hkv * B, max_blocks * block_size, D]."""
+        rows = (self.num_kv_heads * self.num_blocks, self.block_size, self.head_dim)
+        k = self.k[layer].view(rows).index_select(0, index)
+        v = self.v[layer].view(rows).index_select(0, index)
+        shape = (self.num_kv_heads * batch, -1, self.head_dim)
+        return k.view(shape), v.view(shape)
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Slots of token positions [start, end) of a sequence."""
+        bs = self.block_size
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.k[0].device)
+
+    def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions [start, end) as [T, Hkv, D] (contiguous copies), for export."""
+        slots = self.slots(block_table, start, end)
+        k = self.k[layer].index_select(1, slots).transpose(0, 1).contiguous()
+        v = self.v[layer].index_select(1, slots).transpose(0, 1).contiguous()
+        return k, v

@@ -1,0 +1,1 @@
+"""Model forward passes written over pdserve's paged KV cache."""

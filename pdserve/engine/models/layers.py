@@ -1,0 +1,80 @@
+"""Building blocks of the forward pass: linear layers, RMSNorm, rotary embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.errors import IncompatibleError
+
+
+def _onednn_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+
+
+class Linear:
+    """y = x W^T + b, with W prepacked for oneDNN on CPU in bf16.
+
+    Prepacking removes the weight reorder from every call; on these CPUs it makes
+    the decode GEMMs 1.2-1.5x faster than F.linear (PERF-NOTES). fp32 stays on
+    F.linear so the oracle comparison runs the same kernel as transformers.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack_batch: int = 32) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.packed: torch.Tensor | None = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, prepack_batch)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers' Llama RMSNorm: normalize in fp32,
+    # cast back, then scale, so fp32 and bf16 results match the reference.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position, from the model config's rope parameters."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int, dtype: torch.dtype, device) -> None:
+        inv_freq, scaling = _inv_freq(hf_config, head_dim)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos = (emb.cos() * scaling).to(dtype=dtype, device=device)
+        self.sin = (emb.sin() * scaling).to(dtype=dtype, device=device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type in ("dynamic", "longrope"):
+        # Their frequencies depend on the sequence length: not a fixed table.
+        raise IncompatibleError(f"rope_type {rope_type!r} is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise IncompatibleError(f"rope_type {rope_type!r} is not supported")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.float(), float(scaling)

@@ -1,0 +1,77 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2) over the paged KV cache.
+
+A pure function of (token ids, positions, attention metadata, KV cache): no
+module state but the weights. q/k/v and gate/up are fused into one matrix each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.attention import AttentionMetadata, paged_attention
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.model_loader import ModelSpec
+from pdserve.engine.models.layers import Linear, RotaryEmbedding, rms_norm
+
+# Called after a layer's K/V of this step are in the cache (layer-wise KV streaming).
+LayerHook = Callable[[int], None]
+
+
+class DecoderLayer:
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str) -> None:
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        qkv_bias = None
+        if spec.qkv_bias:
+            qkv_bias = torch.cat([w[f"{attn}.{n}_proj.bias"] for n in "qkv"])
+        self.qkv = Linear(torch.cat([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]), qkv_bias)
+        self.o_proj = Linear(w[f"{attn}.o_proj.weight"])
+        self.gate_up = Linear(torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]]))
+        self.down = Linear(w[f"{mlp}.down_proj.weight"])
+        self.input_norm = w[f"{prefix}.input_layernorm.weight"]
+        self.post_attn_norm = w[f"{prefix}.post_attention_layernorm.weight"]
+
+
+class LlamaModel:
+    def __init__(self, spec: ModelSpec, hf_config, weights: dict[str, torch.Tensor], max_positions: int) -> None:
+        self.spec = spec
+        emb = weights["model.embed_tokens.weight"]
+        self.embed = emb
+        self.layers = [DecoderLayer(spec, weights, f"model.layers.{i}") for i in range(spec.num_layers)]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head = Linear(emb if spec.tie_word_embeddings else weights["lm_head.weight"])
+        self.rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions, emb.dtype, emb.device)
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        layer_hook: LayerHook | None = None,
+    ) -> torch.Tensor:  # [T, hidden]
+        spec = self.spec
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+            q, k, v = layer.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.rotary(q.view(-1, spec.num_heads, spec.head_dim), positions)
+            k = self.rotary(k.view(-1, spec.num_kv_heads, spec.head_dim), positions)
+            kv_cache.write(i, meta.slots, k, v.view(-1, spec.num_kv_heads, spec.head_dim))
+            if layer_hook is not None:
+                layer_hook(i)
+            h = h + layer.o_proj(paged_attention(q, kv_cache, i, meta, self.scale))
+            x = rms_norm(h, layer.post_attn_norm, spec.rms_norm_eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        return rms_norm(h, self.norm, spec.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V]
+        return self.lm_head(hidden)

@@ -1,0 +1,89 @@
+"""Preprocessing: from a client's prompt or chat messages to validated prompt token ids.
+
+Owned by the prefill daemon, and used unchanged by the decode daemon's local
+path and the CLI, so the same input gives the same tokens everywhere. The
+version string names the behaviour: workers report it, and a cache entry made by
+another version is never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.errors import InvalidRequestError
+
+PREPROCESS_VERSION = "1"
+# Longest prompt accepted before tokenizing, in characters: bounds the work a
+# single request can ask of the tokenizer (a 10 MB prompt is refused here).
+MAX_PROMPT_CHARS = 1_000_000
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Preprocessor:
+    def __init__(self, tokenizer, version: str = PREPROCESS_VERSION) -> None:
+        self.tokenizer = tokenizer
+        self.version = version
+
+    def __call__(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        request_id: str | None = None,
+    ) -> list[int]:
+        given = [name for name, value in
+                 (("prompt", prompt), ("messages", messages), ("prompt_token_ids", prompt_token_ids))
+                 if value is not None]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "prompt", f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})",
+                request_id=request_id)
+        if prompt_token_ids is not None:
+            if not prompt_token_ids:
+                raise InvalidRequestError("prompt_token_ids", "is empty", request_id=request_id)
+            return list(prompt_token_ids)
+        if messages is not None:
+            # The template writes the model's special tokens itself.
+            return self.tokenize(self.apply_chat_template(messages, request_id), request_id, special=False)
+        return self.tokenize(prompt, request_id)
+
+    def tokenize(self, prompt: str, request_id: str | None = None, *, special: bool = True) -> list[int]:
+        self._check_text("prompt", prompt, request_id)
+        if not prompt:
+            raise InvalidRequestError("prompt", "is empty", request_id=request_id)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=special)
+        if not ids:
+            raise InvalidRequestError("prompt", "tokenizes to no tokens", request_id=request_id)
+        return ids
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], request_id: str | None = None) -> str:
+        if not messages:
+            raise InvalidRequestError("messages", "is empty", request_id=request_id)
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequestError(f"messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)}, got {m.role!r}",
+                                          request_id=request_id)
+            self._check_text(f"messages[{i}].content", m.content, request_id)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "this model has no chat template; send a prompt",
+                                      request_id=request_id)
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    @staticmethod
+    def _check_text(field: str, text: str, request_id: str | None) -> None:
+        if not isinstance(text, str):
+            raise InvalidRequestError(field, "must be a string", request_id=request_id)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(field, f"is {len(text)} characters, more than {MAX_PROMPT_CHARS}",
+                                      request_id=request_id)
+        if "\ud800" <= max(text, default="\0") and any("\ud800" <= c <= "\udfff" for c in text):
+            raise InvalidRequestError(field, "is not valid UTF-8 (lone surrogate)", request_id=request_id)
