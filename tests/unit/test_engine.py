@@ -1,0 +1,182 @@
+"""The engine against transformers' generate, and its scheduling behaviours (tiny models, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import CapacityError, InvalidRequestError
+from tests.engine_helpers import hf_greedy, make_engine, random_prompts, run_to_completion, tokens_of
+from tests.factories import ARCHS
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0)
+LENGTHS = (1, 3, 7, 12, 20, 33, 50, 64)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_oracles):
+    """Oracle outputs per arch for the 8 standard prompts."""
+    prompts = random_prompts(LENGTHS)
+    return prompts, {arch: [hf_greedy(tiny_oracles[arch], p, 32) for p in prompts] for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_batch_matches_transformers(arch, tiny_loaded, references):
+    prompts, refs = references
+    engine = make_engine(tiny_loaded(arch))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    outs = run_to_completion(engine)
+    for i in range(len(prompts)):
+        assert tokens_of(outs[str(i)]) == refs[arch][i], f"prompt {i} ({len(prompts[i])} tokens)"
+        reason = "stop" if refs[arch][i][-1] == 2 else "length"
+        assert outs[str(i)][-1].finish_reason == reason
+    assert engine.stats().num_used == 0
+
+
+def test_requests_arriving_while_others_decode(tiny_loaded, references):
+    prompts, refs = references
+    engine = make_engine(tiny_loaded("llama"))
+    pending = list(enumerate(prompts))
+    outputs: dict[str, list] = {}
+    engine.add_request("0", prompts[0], GREEDY)
+    pending.pop(0)
+    steps = 0
+    while engine.has_unfinished() or pending:
+        if pending and steps % 3 == 0:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, GREEDY)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        steps += 1
+    for i in range(len(prompts)):
+        assert tokens_of(outputs[str(i)]) == refs["llama"][i]
+
+
+def test_preemption_keeps_output_unchanged(tiny_loaded, references):
+    prompts, refs = references
+    # 8 sequences of up to 96 tokens in blocks of 4 need ~160 blocks; give 40.
+    engine = make_engine(tiny_loaded("llama"), num_blocks=40)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    outs = run_to_completion(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(o[-1].num_preemptions for o in outs.values()) > 0
+    for i in range(len(prompts)):
+        assert tokens_of(outs[str(i)]) == refs["llama"][i]
+    assert engine.stats().num_used == 0
+
+
+def test_chunked_prefill_with_budget_smaller_than_prompt(tiny_loaded, references):
+    prompts, refs = references
+    engine = make_engine(tiny_loaded("llama"), max_num_batched_tokens=16)
+    seen_partial = []
+
+    def check(eng):
+        seen_partial.extend(s for s in eng.scheduler.running if 0 < s.num_computed_tokens < s.num_prompt_tokens)
+
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    outs = run_to_completion(engine, on_step=check)
+    assert seen_partial, "no prompt was split across steps"
+    for i in range(len(prompts)):
+        assert tokens_of(outs[str(i)]) == refs["llama"][i]
+
+
+def test_repeated_prompt_hits_prefix_cache(tiny_loaded, references):
+    prompts, refs = references
+    engine = make_engine(tiny_loaded("llama"))
+    engine.add_request("a", prompts[-1], GREEDY)
+    first = run_to_completion(engine)
+    engine.add_request("b", prompts[-1], GREEDY)
+    second = run_to_completion(engine)
+    assert second["b"][-1].num_cached_tokens >= 60
+    assert engine.stats().num_prefix_hits >= 60
+    assert tokens_of(first["a"]) == tokens_of(second["b"]) == refs["llama"][-1]
+
+
+def test_abort_mid_decode_frees_every_block(tiny_loaded, references):
+    prompts, _ = references
+    engine = make_engine(tiny_loaded("llama"), prefix_caching=False)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    for _ in range(5):
+        engine.step()
+    assert engine.stats().num_used > 0
+    for i in range(len(prompts)):
+        engine.abort_request(str(i))
+    finals = engine.step_outputs()
+    assert {o.request_id for o in finals if o.finished and o.finish_reason == "abort"} == {str(i) for i in range(8)}
+    stats = engine.stats()
+    assert stats.num_used == 0 and stats.num_free == stats.num_total
+    assert not engine.has_unfinished()
+
+
+def test_resumed_request_continues_identically(tiny_loaded, references):
+    prompts, refs = references
+    engine = make_engine(tiny_loaded("llama"))
+    ref = refs["llama"][3]
+    engine.add_request("r", prompts[3], GREEDY, output_token_ids=ref[:10])
+    outs = run_to_completion(engine)
+    assert tokens_of(outs["r"]) == ref[10:]
+
+
+def test_remote_kv_import_gives_identical_output(tiny_loaded, references):
+    """KV exported from one engine and written into another continues exactly like local prefill."""
+    prompts, refs = references
+    loaded = tiny_loaded("llama")
+    src, dst = make_engine(loaded), make_engine(loaded, block_size=8)
+    prompt = prompts[6]
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    exported = {}
+
+    def export(layer: int) -> None:
+        seq = src.seqs["p"]
+        exported[layer] = src.kv_cache.read(layer, seq.block_table, 0, len(prompt))
+
+    first = [o for o in _step_all(src, export) if o.token_ids][0].token_ids[0]
+    dst.add_remote_request("p", prompt, GREEDY)
+    assert dst.step() == []  # not scheduled while KV is missing
+    for layer, (k, v) in exported.items():
+        dst.write_kv("p", layer, 0, k, v)
+    dst.complete_remote_kv("p", first)
+    outs = run_to_completion(dst)
+    assert tokens_of(outs["p"]) == refs["llama"][6]
+
+
+def _step_all(engine, hook):
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step(hook))
+    return outs
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1, 2, 99999], SamplingParams(), "prompt_token_ids"),
+        ([1] * 1100, SamplingParams(max_tokens=1), "prompt"),
+        ([1] * 10, SamplingParams(max_tokens=1020), "max_tokens"),
+    ],
+)
+def test_bad_requests_name_the_field(tiny_loaded, prompt, params, field):
+    engine = make_engine(tiny_loaded("llama"))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("x", prompt, params)
+    assert err.value.field == field
+    assert not engine.has_unfinished()
+
+
+def test_request_larger_than_the_pool_is_refused(tiny_loaded):
+    engine = make_engine(tiny_loaded("llama"), num_blocks=4)
+    with pytest.raises(CapacityError):
+        engine.add_request("x", [5] * 10, SamplingParams(max_tokens=20))
+
+
+def test_duplicate_request_id_is_refused(tiny_loaded):
+    engine = make_engine(tiny_loaded("llama"))
+    engine.add_request("x", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("x", [5, 6], SamplingParams(max_tokens=2))
+    assert err.value.field == "request_id"
