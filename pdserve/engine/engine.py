@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,11 +24,16 @@ from pdserve.engine.kv_cache_manager import KVCacheManager, KVCacheStats
 from pdserve.engine.model_loader import LoadedModel, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
+from pdserve.engine.model_runner import ScheduledSeq
 from pdserve.engine.outputs import OutputProcessor, RequestOutput
 from pdserve.engine.sampling import SampleOutput, SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
+
+# Receives KV computed for export: (request_id, layer, start position, k, v), k/v [T, Hkv, D]
+# private copies. Called on the engine thread, layer by layer, while later layers compute.
+KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
 def _default_kv_gib() -> float:
@@ -62,6 +68,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
         self.num_steps = 0
+        self.kv_export_sink: KVExportSink | None = None
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -81,9 +88,14 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         output_token_ids: list[int] | None = None,
+        export_kv: bool = False,
     ) -> Sequence:
-        """Queue a request; output_token_ids resumes one whose first tokens came from elsewhere."""
+        """Queue a request; output_token_ids resumes one whose first tokens came from elsewhere.
+
+        export_kv: hand every token's KV (cached prefix included) to kv_export_sink as it is computed.
+        """
         seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        seq.export_kv = export_kv
         self.scheduler.add(seq)
         self._track(seq)
         return seq
@@ -146,9 +158,14 @@ class LLMEngine:
             for s in sched.scheduled:
                 if s.seq.first_scheduled_time is None:
                     s.seq.first_scheduled_time = now
+            exports = [s for s in sched.scheduled if s.seq.export_kv] if self.kv_export_sink else []
+            if exports:
+                layer_hook = self._export_hook(exports, layer_hook)
             sampled, samples = self.runner.execute(sched.scheduled, layer_hook)
             for s in sched.scheduled:
                 s.seq.num_computed_tokens += s.num_new_tokens
+                # max: a preempted sequence recomputes KV it has already exported.
+                s.seq.num_exported_tokens = max(s.seq.num_exported_tokens, s.seq.num_computed_tokens)
                 self.kv.cache_computed_blocks(s.seq)
             self.num_steps += 1
             if samples is not None:
@@ -159,6 +176,22 @@ class LLMEngine:
         """Outputs produced since the last call (by steps, aborts or remote KV completion)."""
         outputs, self._pending = self._pending, []
         return outputs
+
+    def _export_hook(self, exports: list[ScheduledSeq], inner: LayerHook | None) -> LayerHook:
+        sink = self.kv_export_sink
+
+        def hook(layer: int) -> None:
+            for s in exports:
+                # From the last exported token: includes a prefix served by the cache.
+                start, end = s.seq.num_exported_tokens, s.seq.num_computed_tokens + s.num_new_tokens
+                if start >= end:
+                    continue
+                k, v = self.kv_cache.read(layer, s.seq.block_table, start, end)
+                sink(s.seq.request_id, layer, start, k, v)
+            if inner is not None:
+                inner(layer)
+
+        return hook
 
     def _process_samples(self, seqs: list[Sequence], samples: SampleOutput) -> None:
         for seq, token_id, logprobs in zip(seqs, samples.token_ids, samples.logprobs):

@@ -62,6 +62,9 @@ class Sequence:
         # Chained hashes of the leading full, computed blocks (prefix-cache keys).
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
+        # Prefill-worker requests: stream this sequence's KV out as it is computed.
+        self.export_kv = False
+        self.num_exported_tokens = 0
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

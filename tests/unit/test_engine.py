@@ -121,34 +121,35 @@ def test_resumed_request_continues_identically(tiny_loaded, references):
     assert tokens_of(outs["r"]) == ref[10:]
 
 
-def test_remote_kv_import_gives_identical_output(tiny_loaded, references):
-    """KV exported from one engine and written into another continues exactly like local prefill."""
+@pytest.mark.parametrize("budget", [512, 16])
+def test_exported_kv_imported_elsewhere_gives_identical_output(tiny_loaded, references, budget):
+    """KV exported layer by layer (chunked or not, cached prefix included) continues exactly like local prefill."""
     prompts, refs = references
     loaded = tiny_loaded("llama")
-    src, dst = make_engine(loaded), make_engine(loaded, block_size=8)
+    src = make_engine(loaded, max_num_batched_tokens=budget)
+    dst = make_engine(loaded, block_size=8)
     prompt = prompts[6]
-    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-    exported = {}
-
-    def export(layer: int) -> None:
-        seq = src.seqs["p"]
-        exported[layer] = src.kv_cache.read(layer, seq.block_table, 0, len(prompt))
-
-    first = [o for o in _step_all(src, export) if o.token_ids][0].token_ids[0]
+    chunks = []
+    src.kv_export_sink = lambda rid, layer, start, k, v: chunks.append((rid, layer, start, k, v))
+    # Warm src's prefix cache with the first half of the prompt, so the export must include cached KV.
+    src.add_request("warm", prompt[:24], SamplingParams(max_tokens=1, temperature=0.0))
+    run_to_completion(src)
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0), export_kv=True)
+    first = tokens_of(run_to_completion(src)["p"])
+    assert src.stats().num_prefix_hits > 0
+    covered = {}
+    for rid, layer, start, k, v in chunks:
+        assert rid == "p"
+        covered.setdefault(layer, []).append((start, start + k.shape[0]))
+    assert all(sorted(r)[0][0] == 0 and sum(e - s for s, e in r) == len(prompt) for r in covered.values())
     dst.add_remote_request("p", prompt, GREEDY)
-    assert dst.step() == []  # not scheduled while KV is missing
-    for layer, (k, v) in exported.items():
-        dst.write_kv("p", layer, 0, k, v)
-    dst.complete_remote_kv("p", first)
+    assert dst.step() == []  # not scheduled while its KV is missing
+    for _, layer, start, k, v in chunks:
+        dst.write_kv("p", layer, start, k, v)
+    dst.complete_remote_kv("p", first[0])
     outs = run_to_completion(dst)
-    assert tokens_of(outs["p"]) == refs["llama"][6]
-
-
-def _step_all(engine, hook):
-    outs = []
-    while engine.has_unfinished():
-        outs.extend(engine.step(hook))
-    return outs
+    assert tokens_of(outs["p"]) == refs["llama"][6]  # the first token streams from dst too
+    assert first == refs["llama"][6][:1]
 
 
 @pytest.mark.parametrize(
