@@ -1,0 +1,110 @@
+"""Decode side: check a KV transfer message by message before any byte reaches the cache.
+
+Checks, each failing with KVTransferError (the transfer is dropped and retried)
+or IncompatibleError (a model or layout mismatch: retrying the same pair is pointless):
+1. header: wire version, request id, prompt tokens equal to what the decode side
+   expects, model fingerprint and KV geometry equal to its own, byte count consistent;
+2. every chunk: request id, sequence number exactly the next one, layer and
+   token range inside the prompt, byte lengths equal to the range's;
+3. completion: every layer received every prompt token exactly once and the
+   byte total equals the header's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.errors import IncompatibleError, KVTransferError
+from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry, tensor_from_bytes
+
+
+@dataclass(frozen=True)
+class KVHeaderData:
+    wire_version: int
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    fingerprint: str
+    geometry: KVGeometry
+    num_kv_bytes: int
+
+
+class KVReceiver:
+    def __init__(self, request_id: str, prompt_token_ids: list[int] | None, fingerprint: str,
+                 geometry: KVGeometry, torch_dtype: torch.dtype) -> None:
+        self.request_id = request_id
+        # None: the prefill side tokenizes; its header's token ids are taken as the prompt.
+        self.expected_prompt = tuple(prompt_token_ids) if prompt_token_ids is not None else None
+        self.fingerprint = fingerprint
+        self.geometry = geometry
+        self.torch_dtype = torch_dtype
+        self.header: KVHeaderData | None = None
+        self._next_seq = 0
+        self._received_bytes = 0
+        self._layer_tokens = [0] * geometry.num_layers  # tokens received per layer, in order
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        assert self.header is not None
+        return len(self.header.prompt_token_ids)
+
+    def on_header(self, header: KVHeaderData) -> list[int]:
+        """Check the header; returns the prompt token ids to reserve blocks for."""
+        rid = self.request_id
+        if header.wire_version != WIRE_VERSION:
+            raise IncompatibleError(f"KV wire version {header.wire_version}, expected {WIRE_VERSION}",
+                                    request_id=rid)
+        if header.fingerprint != self.fingerprint:
+            raise IncompatibleError(f"prefill model {header.fingerprint} differs from decode model "
+                                    f"{self.fingerprint}", request_id=rid)
+        if header.geometry != self.geometry:
+            raise IncompatibleError(f"KV layout {header.geometry} differs from {self.geometry}", request_id=rid)
+        if header.request_id != rid:
+            raise KVTransferError(f"header for request {header.request_id!r}", request_id=rid)
+        if not header.prompt_token_ids:
+            raise KVTransferError("header has no prompt tokens", request_id=rid)
+        if self.expected_prompt is not None and header.prompt_token_ids != self.expected_prompt:
+            raise KVTransferError("header's prompt tokens differ from the request's", request_id=rid)
+        if header.num_kv_bytes != self.geometry.total_bytes(len(header.prompt_token_ids)):
+            raise KVTransferError(f"header announces {header.num_kv_bytes} KV bytes, layout needs "
+                                  f"{self.geometry.total_bytes(len(header.prompt_token_ids))}", request_id=rid)
+        self.header = header
+        return list(header.prompt_token_ids)
+
+    def on_chunk(self, request_id: str, sequence_number: int, layer: int, token_start: int, token_end: int,
+                 k: bytes, v: bytes) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """Check a chunk; returns (layer, start, k, v) with k, v [T, Hkv, D] ready to write."""
+        rid = self.request_id
+        if self.header is None:
+            raise KVTransferError("KV chunk before the header", request_id=rid)
+        if request_id != rid:
+            raise KVTransferError(f"chunk of request {request_id!r}", request_id=rid)
+        if sequence_number != self._next_seq:
+            raise KVTransferError(f"chunk {sequence_number} where {self._next_seq} was due", request_id=rid)
+        if not 0 <= layer < self.geometry.num_layers:
+            raise KVTransferError(f"chunk for layer {layer}", request_id=rid)
+        if token_start != self._layer_tokens[layer] or not token_start < token_end <= self.num_prompt_tokens:
+            raise KVTransferError(f"layer {layer} chunk [{token_start}, {token_end}) does not continue at "
+                                  f"{self._layer_tokens[layer]}", request_id=rid)
+        num_bytes = (token_end - token_start) * self.geometry.bytes_per_token
+        if len(k) != num_bytes or len(v) != num_bytes:
+            raise KVTransferError(f"chunk {sequence_number} has {len(k)}/{len(v)} bytes, expected {num_bytes}",
+                                  request_id=rid)
+        self._next_seq += 1
+        self._layer_tokens[layer] = token_end
+        self._received_bytes += len(k) + len(v)
+        shape = (token_end - token_start, self.geometry.num_kv_heads, self.geometry.head_dim)
+        return layer, token_start, tensor_from_bytes(k, self.torch_dtype, shape), \
+            tensor_from_bytes(v, self.torch_dtype, shape)
+
+    def check_complete(self) -> None:
+        rid = self.request_id
+        if self.header is None:
+            raise KVTransferError("stream ended before the header", request_id=rid)
+        missing = [i for i, n in enumerate(self._layer_tokens) if n != self.num_prompt_tokens]
+        if missing:
+            raise KVTransferError(f"KV incomplete for layers {missing[:5]}", request_id=rid)
+        if self._received_bytes != self.header.num_kv_bytes:
+            raise KVTransferError(f"received {self._received_bytes} KV bytes, header announced "
+                                  f"{self.header.num_kv_bytes}", request_id=rid)

@@ -1,0 +1,1 @@
+"""The daemons: gRPC servicers and process lifecycle around the engine."""

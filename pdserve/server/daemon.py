@@ -1,0 +1,146 @@
+"""Process lifecycle shared by the three daemons.
+
+1. `apply_process_settings`: torch threads and CPU affinity, before any model work.
+2. `start_server`: grpc.aio server on --listen with the standard health service
+   and reflection; prints one JSON ready line with the bound address.
+3. `run_until_signal`: serve until SIGTERM/SIGINT, then mark NOT_SERVING, stop
+   taking new calls and give running ones the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("pdserve")
+
+# KV chunks are at most a few MiB; requests may carry long prompts.
+MAX_MESSAGE_BYTES = 64 * 2**20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+# The server accepts smaller requests than channels carry: a 10 MB prompt is refused
+# by gRPC itself with RESOURCE_EXHAUSTED before any handler sees it.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * 2**20),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def setup_logging(role: str) -> None:
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+
+
+def log_request(**fields) -> None:
+    """One structured line per finished request."""
+    log.info("request %s", json.dumps(fields, separators=(",", ":"), default=str))
+
+
+def apply_process_settings(threads: int | None, cpus: str | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, parse_cpus(cpus))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0,2-3' -> {0, 2, 3}."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class Daemon:
+    """A grpc.aio server with health and reflection, and its graceful stop."""
+
+    def __init__(self, role: str, listen: str, grace_s: float = 30.0) -> None:
+        self.role = role
+        self.listen = listen
+        self.grace_s = grace_s
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.address = ""
+        self.stopping = asyncio.Event()
+        self._on_drain: list[Callable[[], Awaitable[None]]] = []
+
+    def on_drain(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run fn when a stop begins (before the grace period), e.g. to tell the router."""
+        self._on_drain.append(fn)
+
+    async def start(self, service_names: Iterable[str]) -> str:
+        names = list(service_names)
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        port = self.server.add_insecure_port(self.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        host = self.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        await self.server.start()
+        for name in ["", *names]:
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        print(json.dumps({"ready": True, "role": self.role, "address": self.address, "pid": os.getpid()}),
+              flush=True)
+        log.info("%s serving on %s", self.role, self.address)
+        return self.address
+
+    async def _set_health(self, name: str, status) -> None:
+        result = self.health.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        started = time.monotonic()
+        log.info("%s draining (grace %.0f s)", self.role, self.grace_s)
+        await self._set_health("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        for fn in self._on_drain:
+            try:
+                await asyncio.wait_for(fn(), timeout=2.0)
+            except Exception:  # the router may be gone; draining goes on
+                log.warning("drain hook failed", exc_info=True)
+        await self.server.stop(self.grace_s)
+        log.info("%s stopped after %.1f s", self.role, time.monotonic() - started)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a daemon's async main on uvloop (asyncio where uvloop is missing)."""
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())

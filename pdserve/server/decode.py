@@ -1,0 +1,269 @@
+"""pdserve-decode: imports prompt KV from prefill workers and decodes in one continuous batch.
+
+Request lifecycle (one Generate stream):
+1. sampling parameters validated; the prompt goes remote when prefill candidates
+   are given (and it is not shorter than --local-prefill-below), else local;
+2. remote: open the first candidate's Prefill stream. On its header, check the
+   fingerprint and layout (FAILED_PRECONDITION on mismatch) and reserve blocks
+   (RESOURCE_EXHAUSTED when there is no room, before any KV moves);
+3. write each verified KV chunk into the reserved blocks; no chunk within
+   --kv-stall-timeout-s, a dead peer or a chunk that does not check out drops the
+   partial KV (its blocks freed) and the next candidate is tried after a bounded
+   exponential backoff; when all fail, the prompt is prefilled here;
+4. the first token (sampled by the prefill worker) is streamed at once, and the
+   request joins the running batch;
+5. each step's tokens stream back as deltas; the last message carries finish
+   reason, usage and timings. Cancellation aborts the request within one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import CapacityError, FatalError, IncompatibleError, KVTransferError, PdserveError
+from pdserve.kv_transfer.protocol import KVGeometry
+from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
+from pdserve.server import daemon, wire
+from pdserve.server.worker import RouterLink, Worker, add_worker_args, engine_config
+from pdserve.status import abort_with, error_from_status
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger("pdserve.decode")
+
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    kv_stall_timeout_s: float = 5.0
+    local_prefill_below: int = 0
+
+
+@dataclass
+class _Attempt:
+    """Progress of one request's remote prefill, for timings and the result."""
+
+    prefill_worker_id: str = ""
+    num_attempts: int = 0
+    kv_bytes: int = 0
+    kv_transfer_ms: float = 0.0
+    prefill_ms: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, worker: Worker, options: DecodeOptions) -> None:
+        self.worker = worker
+        self.options = options
+        self._stubs: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
+
+    async def Stats(self, request, context):
+        return await self.worker.stats_response()
+
+    async def Generate(self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        w = self.worker
+        rid = request.request.request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)  # noqa: E731
+        attempt = _Attempt()
+        finished = False
+        try:
+            params = wire.sampling_from_pb(request.request.sampling_params)
+            generated = list(request.generated_token_ids)
+            remote = False
+            if request.prefill_candidates and not generated:
+                remote = await self._prefill_remotely(rid, request, params, sink, attempt, context)
+            if not remote:
+                prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
+                await asyncio.wrap_future(w.loop.submit(rid, prompt, params, sink, generated or None))
+            index = len(generated)
+            ttft_ms = None
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                if out.error is not None:
+                    raise out.error
+                if out.token_ids or out.text:
+                    if ttft_ms is None:
+                        ttft_ms = (time.monotonic() - started) * 1e3
+                    yield wire.delta_to_pb(out, index)
+                    index += len(out.token_ids)
+                if finished:
+                    yield self._result(rid, out, attempt, remote, started, ttft_ms)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        finally:
+            if not finished:
+                w.loop.abort(rid)
+
+    # -- remote prefill -------------------------------------------------------------
+
+    async def _prefill_remotely(self, rid, request, params: SamplingParams, sink, attempt: _Attempt,
+                                context) -> bool:
+        """Import the prompt's KV from the first candidate that delivers it; False: prefill locally."""
+        w = self.worker
+        if self.options.local_prefill_below:
+            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
+            if len(prompt) < self.options.local_prefill_below:
+                return False
+        for i, candidate in enumerate(request.prefill_candidates):
+            if i:
+                await asyncio.sleep(min(BACKOFF_BASE_S * 2 ** (i - 1), BACKOFF_MAX_S))
+            attempt.num_attempts += 1
+            attempt.prefill_worker_id = candidate.worker_id or candidate.address
+            try:
+                await self._pull(rid, request.request, params, candidate.address, sink, attempt, context)
+                return True
+            except (IncompatibleError, CapacityError):
+                raise
+            except (KVTransferError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+                reason = _describe(exc)
+                attempt.errors.append(f"{candidate.address}: {reason}")
+                log.warning("request %s: prefill from %s failed (%s); %s", rid, candidate.address, reason,
+                            "trying the next candidate" if i + 1 < len(request.prefill_candidates)
+                            else "prefilling locally")
+                # Drop whatever KV arrived; its blocks are freed before the next attempt's reservation.
+                w.loop.abort(rid)
+        attempt.prefill_worker_id = w.worker_id
+        return False
+
+    async def _pull(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
+        w = self.worker
+        stall = self.options.kv_stall_timeout_s
+        request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id)
+        request.request.request_id = rid
+        remaining = context.time_remaining()
+        call = self._stub(address).Prefill(request, timeout=remaining)
+        receiver = KVReceiver(rid, None, w.fingerprint, w.geometry, w.engine.dtype)
+        stream = call.__aiter__()
+        t0 = time.monotonic()
+        writes = []
+        try:
+            header = await asyncio.wait_for(stream.__anext__(), stall)
+            prompt = receiver.on_header(_header_data(header))
+            await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
+            while True:
+                msg = await asyncio.wait_for(stream.__anext__(), stall)
+                kind = msg.WhichOneof("kind")
+                if kind == "chunk":
+                    c = msg.chunk
+                    layer, start, k, v = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index,
+                                                           c.token_start, c.token_end, c.k_bytes, c.v_bytes)
+                    writes.append(w.loop.call(lambda e, a=(layer, start, k, v): e.write_kv(rid, *a)))
+                elif kind == "first_token":
+                    receiver.check_complete()
+                    for f in writes:
+                        await asyncio.wrap_future(f)
+                    attempt.kv_bytes = receiver.header.num_kv_bytes
+                    attempt.kv_transfer_ms = (time.monotonic() - t0) * 1e3
+                    attempt.prefill_ms = msg.first_token.timings.prefill_ms
+                    token = msg.first_token.token_id
+                    await asyncio.wrap_future(w.loop.call(lambda e: self._complete(e, rid, token, sink)))
+                    return
+                else:
+                    raise KVTransferError(f"unexpected {kind} message", request_id=rid)
+        except StopAsyncIteration:
+            raise KVTransferError("prefill stream ended before the first token", request_id=rid) from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              grpc.StatusCode.FAILED_PRECONDITION):
+                # The prefill worker refused the request itself: retrying elsewhere would not help.
+                raise error_from_status(exc.code(), exc.details() or "") from None
+            raise
+        finally:
+            call.cancel()
+
+    def _complete(self, engine: LLMEngine, rid: str, token: int, sink) -> None:
+        self.worker.loop.register_sink(rid, sink)
+        engine.complete_remote_kv(rid, token)
+
+    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = prefill_pb2_grpc.PrefillServiceStub(daemon.channel(address))
+        return stub
+
+    def _result(self, rid, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
+                ttft_ms: float | None):
+        total_ms = (time.monotonic() - started) * 1e3
+        queue_ms = (out.queue_s or 0.0) * 1e3 if not remote else 0.0
+        first_ms = ttft_ms or total_ms
+        timings = common_pb2.Timings(
+            queue_ms=queue_ms, prefill_ms=attempt.prefill_ms if remote else first_ms - queue_ms,
+            kv_transfer_ms=attempt.kv_transfer_ms, decode_ms=total_ms - first_ms, total_ms=total_ms,
+            time_to_first_token_ms=first_ms)
+        mode = common_pb2.PREFILL_MODE_REMOTE if remote else common_pb2.PREFILL_MODE_LOCAL
+        daemon.log_request(role="decode", request_id=rid, mode="remote" if remote else "local",
+                           prompt_tokens=out.num_prompt_tokens, output_tokens=out.num_output_tokens,
+                           finish=out.finish_reason, attempts=attempt.num_attempts, errors=attempt.errors,
+                           kv_bytes=attempt.kv_bytes, ttft_ms=round(first_ms, 1), ms=round(total_ms, 1))
+        return wire.result_to_pb(out, timings, request_id=rid, prefill_worker_id=attempt.prefill_worker_id
+                                 or self.worker.worker_id, decode_worker_id=self.worker.worker_id,
+                                 prefill_mode=mode, num_prefill_attempts=attempt.num_attempts)
+
+
+def _header_data(msg: prefill_pb2.PrefillResponse) -> KVHeaderData:
+    if msg.WhichOneof("kind") != "header":
+        raise KVTransferError("the prefill stream did not start with a header")
+    h = msg.header
+    lay = h.kv_layout
+    return KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), wire.fingerprint_str(h.model),
+                        KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "stalled (no message within the stall timeout)"
+    return str(exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve-decode", description="pdserve decode worker")
+    add_worker_args(p, default_kv_gib=2.0)
+    p.add_argument("--kv-stall-timeout-s", type=float, default=5.0)
+    p.add_argument("--local-prefill-below", type=int, default=0,
+                   help="prefill prompts shorter than this many tokens locally")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    daemon.apply_process_settings(args.threads, args.cpus)
+    worker = Worker(common_pb2.WORKER_ROLE_DECODE, LLMEngine(engine_config(args)), args.worker_id)
+    options = DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below)
+    d = daemon.Daemon("decode", args.listen, args.grace_s)
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker, options), d.server)
+    address = await d.start([decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name])
+    if args.router:
+        link = RouterLink(worker, args.router, address, args.heartbeat_s)
+        link.start()
+        d.on_drain(link.drain)
+    try:
+        await d.run_until_signal()
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    daemon.setup_logging(f"decode[{os.getpid()}]")
+    daemon.run(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()

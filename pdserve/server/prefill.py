@@ -1,0 +1,154 @@
+"""pdserve-prefill: preprocessing and prefill; streams each prompt's KV and first token.
+
+Request lifecycle (one Prefill stream):
+1. preprocess: sampling parameters validated, chat template applied, prompt
+   tokenized (through the preprocessing cache) and checked against the context;
+2. header sent: prompt token ids, model fingerprint, KV layout and byte count;
+3. queued in the engine as a one-token request that exports its KV: the
+   scheduler batches it with other pending prompts (chunked to the budget);
+4. as each layer's KV is computed, the engine thread hands it to the request's
+   KVSender, which posts numbered chunks to the stream (transfer overlaps compute);
+5. the sampled first token ends the stream. A cancelled stream (the decode
+   worker gave up) aborts the request, freeing its blocks within one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import time
+import uuid
+
+import grpc
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.errors import FatalError, PdserveError
+from pdserve.kv_transfer.protocol import WIRE_VERSION
+from pdserve.kv_transfer.sender import KVChunkData, KVSender
+from pdserve.server import daemon, wire
+from pdserve.server.faults import FaultInjector
+from pdserve.server.worker import RouterLink, Worker, add_worker_args, engine_config
+from pdserve.status import abort_with
+from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, worker: Worker, faults: FaultInjector | None = None) -> None:
+        self.worker = worker
+        self.faults = faults or FaultInjector.from_env()
+        # request id -> sender; touched only on the engine thread.
+        self._senders: dict[str, KVSender] = {}
+        worker.engine.kv_export_sink = self._on_kv
+
+    def _on_kv(self, request_id: str, layer: int, start: int, k, v) -> None:
+        sender = self._senders.get(request_id)
+        if sender is not None:
+            sender.on_kv(layer, start, k, v)
+
+    async def Stats(self, request, context):
+        return await self.worker.stats_response()
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        w = self.worker
+        rid = request.request.request_id or uuid.uuid4().hex
+        try:
+            params = wire.sampling_from_pb(request.request.sampling_params)
+            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
+            w.engine.validate_prompt(prompt, params, request_id=rid)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        sender = KVSender(rid, w.geometry, loop, queue, request.max_chunk_bytes or daemon.MAX_MESSAGE_BYTES // 16)
+        # The first token is sampled here with the request's own parameters; the rest is decode's.
+        first_params = dataclasses.replace(params, max_tokens=1, stop=())
+
+        def submit(engine: LLMEngine) -> None:
+            engine.add_request(rid, prompt, first_params, export_kv=True)
+            self._senders[rid] = sender
+            w.loop.register_sink(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+
+        w.pending_prefill_tokens += len(prompt)
+        finished = False
+        try:
+            await asyncio.wrap_future(w.loop.call(submit))
+            while True:
+                item = await queue.get()
+                if isinstance(item, KVChunkData):
+                    await self.faults.on_chunk(item.sequence_number)
+                    yield prefill_pb2.PrefillResponse(chunk=_chunk_pb(item))
+                    continue
+                finished = item.finished
+                if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
+                    raise item.error or FatalError("prefill aborted", request_id=rid)
+                yield prefill_pb2.PrefillResponse(first_token=self._first_token(rid, item, started))
+                daemon.log_request(role="prefill", request_id=rid, prompt_tokens=len(prompt),
+                                   cached_tokens=item.num_cached_tokens, kv_bytes=sender.num_bytes,
+                                   ms=round((time.monotonic() - started) * 1e3, 1))
+                return
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        finally:
+            w.pending_prefill_tokens -= len(prompt)
+            w.loop.call(lambda engine: self._senders.pop(rid, None))
+            if not finished:
+                w.loop.abort(rid)
+
+    def _header(self, rid: str, prompt: list[int]) -> prefill_pb2.KVHeader:
+        w = self.worker
+        return prefill_pb2.KVHeader(
+            wire_version=WIRE_VERSION, request_id=rid, prompt_token_ids=prompt, num_prompt_tokens=len(prompt),
+            model=w.fingerprint_pb, kv_layout=w.layout_pb, num_kv_bytes=w.geometry.total_bytes(len(prompt)),
+            chunk_tokens=w.geometry.chunk_tokens(), prefill_worker_id=w.worker_id)
+
+    def _first_token(self, rid: str, out: RequestOutput, started: float) -> prefill_pb2.FirstToken:
+        total_ms = (time.monotonic() - started) * 1e3
+        queue_ms = (out.queue_s or 0.0) * 1e3
+        first = prefill_pb2.FirstToken(
+            request_id=rid, token_id=out.token_ids[0], num_cached_tokens=out.num_cached_tokens,
+            timings=prefill_pb2.PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - queue_ms, total_ms=total_ms))
+        if out.logprobs and out.logprobs[0] is not None:
+            first.logprobs.CopyFrom(wire.logprobs_to_pb(out.logprobs[0]))
+        return first
+
+
+def _chunk_pb(c: KVChunkData) -> prefill_pb2.KVChunk:
+    return prefill_pb2.KVChunk(request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
+                               token_start=c.token_start, token_end=c.token_end, k_bytes=c.k, v_bytes=c.v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve-prefill", description="pdserve prefill worker")
+    add_worker_args(p, default_kv_gib=1.0)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    daemon.apply_process_settings(args.threads, args.cpus)
+    worker = Worker(common_pb2.WORKER_ROLE_PREFILL, LLMEngine(engine_config(args)), args.worker_id)
+    d = daemon.Daemon("prefill", args.listen, args.grace_s)
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker), d.server)
+    address = await d.start([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
+    if args.router:
+        link = RouterLink(worker, args.router, address, args.heartbeat_s)
+        link.start()
+        d.on_drain(link.drain)
+    try:
+        await d.run_until_signal()
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    daemon.setup_logging(f"prefill[{os.getpid()}]")
+    daemon.run(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()

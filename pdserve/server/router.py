@@ -1,0 +1,252 @@
+"""pdserve-router: the client-facing front; places every request on a (prefill, decode) pair.
+
+Request lifecycle (one RouterService.Generate stream):
+1. cheap validation (sampling parameters, an input present); a request id assigned;
+2. placement (`pdserve.router.placement`): a decode worker by KV room and load,
+   and its ordered prefill candidates, from the load the workers report;
+3. DecodeService.Generate on the chosen worker; its stream is relayed as is,
+   with the router's own queue, time-to-first-token and total times in the result;
+4. a decode worker that refuses (RESOURCE_EXHAUSTED), cannot pair
+   (FAILED_PRECONDITION: the pair is remembered and never chosen again) or is
+   unreachable before the first token: the request is placed again elsewhere.
+   After the first token an error ends the stream with its status.
+Workers register and heartbeat here; a worker that misses heartbeats is not placed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+import grpc
+
+from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.router.placement import Placement, Placer
+from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
+from pdserve.server import daemon, wire
+from pdserve.status import abort_with, error_from_status
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
+
+log = logging.getLogger("pdserve.router")
+
+MAX_PLACEMENTS = 3
+# Statuses of a decode worker, before its first token, after which another worker may serve.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.FAILED_PRECONDITION}
+_ROLES = {common_pb2.WORKER_ROLE_PREFILL: Role.PREFILL, common_pb2.WORKER_ROLE_DECODE: Role.DECODE}
+_ROLES_PB = {v: k for k, v in _ROLES.items()}
+_HEALTH_PB = {Health.HEALTHY: router_pb2.WORKER_HEALTH_HEALTHY, Health.DRAINING: router_pb2.WORKER_HEALTH_DRAINING,
+              Health.UNHEALTHY: router_pb2.WORKER_HEALTH_UNHEALTHY}
+
+
+def load_from_pb(pb: common_pb2.WorkerLoad) -> Load:
+    return Load(num_running=pb.num_running_requests, num_waiting=pb.num_waiting_requests,
+                num_pending_prefill_tokens=pb.num_pending_prefill_tokens, kv_num_total=pb.kv.num_total,
+                kv_num_free=pb.kv.num_free, kv_num_cached=pb.kv.num_cached, kv_block_size=pb.kv.block_size)
+
+
+def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
+    kv = common_pb2.KVStats(block_size=load.kv_block_size, num_total=load.kv_num_total, num_free=load.kv_num_free,
+                            num_used=load.kv_num_total - load.kv_num_free, num_cached=load.kv_num_cached)
+    return common_pb2.WorkerLoad(num_running_requests=load.num_running, num_waiting_requests=load.num_waiting,
+                                 num_pending_prefill_tokens=load.num_pending_prefill_tokens, kv=kv)
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, registry: Registry, placer: Placer) -> None:
+        self.registry = registry
+        self.placer = placer
+        self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
+        self._fingerprints: dict[str, common_pb2.ModelFingerprint] = {}
+        self._versions: dict[str, str] = {}
+        self._layouts: dict[str, common_pb2.KVLayout] = {}
+
+    # -- worker membership ------------------------------------------------------------
+
+    async def Register(self, request: router_pb2.RegisterRequest, context):
+        role = _ROLES.get(request.role)
+        try:
+            if role is None:
+                raise InvalidRequestError("role", "must be prefill or decode")
+            info = WorkerInfo(role, request.address, wire.fingerprint_str(request.model),
+                              request.preprocessing_version or None, wire.layout_str(request.kv_layout))
+            worker_id = self.registry.register(request.worker_id or None, info, load_from_pb(request.load))
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        self._fingerprints[worker_id] = request.model
+        self._versions[worker_id] = request.preprocessing_version
+        self._layouts[worker_id] = request.kv_layout
+        log.info("registered %s %s at %s (%s)", role.value, worker_id, request.address, info.model_fingerprint)
+        interval = self.registry.heartbeat_interval_s
+        return router_pb2.RegisterResponse(worker_id=worker_id, heartbeat_interval_ms=int(interval * 1e3),
+                                           heartbeat_timeout_ms=int(self.registry.heartbeat_timeout_s * 1e3))
+
+    async def Heartbeat(self, request: router_pb2.HeartbeatRequest, context):
+        try:
+            known = self.registry.heartbeat(request.worker_id, load_from_pb(request.load), request.draining)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        return router_pb2.HeartbeatResponse(reregister=not known)
+
+    async def ClusterStatus(self, request, context):
+        now = time.monotonic()
+        workers = [router_pb2.WorkerStatus(
+            worker_id=w.worker_id, role=_ROLES_PB[w.role], address=w.address, health=_HEALTH_PB[w.health],
+            load=load_to_pb(w.load), model=self._fingerprints.get(w.worker_id),
+            preprocessing_version=self._versions.get(w.worker_id, ""), kv_layout=self._layouts.get(w.worker_id),
+            last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3) for w in self.registry.all()]
+        return router_pb2.ClusterStatusResponse(workers=workers)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def Generate(self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        request.request_id = request.request_id or uuid.uuid4().hex
+        rid = request.request_id
+        try:
+            wire.sampling_from_pb(request.sampling_params)
+            if request.WhichOneof("input") is None:
+                raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        excluded: set[str] = set()
+        last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
+        for _ in range(MAX_PLACEMENTS):
+            try:
+                placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded)
+            except PdserveError:
+                break
+            queue_ms = (time.monotonic() - started) * 1e3
+            log.debug("request %s: %s", rid, placement.reason)
+            sent_any = False
+            first_ms = 0.0
+            self._begin(placement)
+            try:
+                call = self._decode_stub(placement.decode.address).Generate(
+                    _decode_request(request, placement), timeout=context.time_remaining())
+                async for response in call:
+                    if response.WhichOneof("kind") == "result":
+                        _stamp(response.result, started, queue_ms, first_ms)
+                    elif not sent_any:
+                        first_ms = (time.monotonic() - started) * 1e3
+                    sent_any = True
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                last_error = error_from_status(exc.code(), exc.details() or "")
+                if sent_any or exc.code() not in _RETRYABLE:
+                    await abort_with(context, last_error)
+                self._on_decode_failure(placement, exc)
+                excluded.add(placement.decode.worker_id)
+            finally:
+                self._finish(placement)
+        await abort_with(context, last_error)
+
+    def _on_decode_failure(self, placement: Placement, exc: grpc.aio.AioRpcError) -> None:
+        decode = placement.decode
+        log.warning("decode %s failed before the first token (%s: %s); placing elsewhere",
+                    decode.worker_id, exc.code().name, exc.details())
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_failed(decode.worker_id)
+        elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION and placement.prefills:
+            self.registry.incompatible(placement.prefills[0].worker_id, decode.worker_id)
+
+    def _begin(self, placement: Placement) -> None:
+        self.registry.begin(placement.decode.worker_id)
+        if placement.prefills:
+            self.registry.begin(placement.prefills[0].worker_id)
+
+    def _finish(self, placement: Placement) -> None:
+        self.registry.finish(placement.decode.worker_id)
+        if placement.prefills:
+            self.registry.finish(placement.prefills[0].worker_id)
+
+    def _decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
+        stub = self._decode_stubs.get(address)
+        if stub is None:
+            stub = self._decode_stubs[address] = decode_pb2_grpc.DecodeServiceStub(daemon.channel(address))
+        return stub
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Expire silent workers and poll static ones, once per heartbeat interval."""
+        while True:
+            for worker_id in self.registry.expire():
+                log.warning("worker %s missed its heartbeats", worker_id)
+            await asyncio.gather(*(self._poll(w) for w in self.registry.all() if w.static),
+                                 return_exceptions=True)
+            await asyncio.sleep(self.registry.heartbeat_interval_s)
+
+    async def _poll(self, worker) -> None:
+        stub_cls = (prefill_pb2_grpc.PrefillServiceStub if worker.role == Role.PREFILL
+                    else decode_pb2_grpc.DecodeServiceStub)
+        try:
+            stats = await stub_cls(daemon.channel(worker.address)).Stats(common_pb2.StatsRequest(), timeout=2.0)
+            self.registry.heartbeat(worker.worker_id, load_from_pb(stats.load))
+        except grpc.aio.AioRpcError:
+            self.registry.mark_failed(worker.worker_id)
+
+
+def _decode_request(request: common_pb2.GenerateRequest, placement: Placement) -> decode_pb2.DecodeGenerateRequest:
+    candidates = [decode_pb2.PrefillCandidate(worker_id=w.worker_id, address=w.address) for w in placement.prefills]
+    return decode_pb2.DecodeGenerateRequest(request=request, prefill_candidates=candidates)
+
+
+def _stamp(result: common_pb2.GenerateResult, started: float, queue_ms: float, first_ms: float) -> None:
+    """The router's own view of the request's times (the client's clock is closest to it)."""
+    result.timings.total_ms = (time.monotonic() - started) * 1e3
+    result.timings.queue_ms += queue_ms
+    if first_ms:
+        result.timings.time_to_first_token_ms = first_ms
+
+
+def _estimate_tokens(request: common_pb2.GenerateRequest) -> int:
+    kind = request.WhichOneof("input")
+    if kind == "prompt_token_ids":
+        return len(request.prompt_token_ids.token_ids)
+    if kind == "messages":
+        return sum(len(m.content) for m in request.messages.messages) // 4 + 8 * len(request.messages.messages)
+    return len(request.prompt) // 4 + 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve-router", description="pdserve router")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="expected worker heartbeat interval")
+    p.add_argument("--missed-heartbeats", type=int, default=3, help="heartbeats missed before unhealthy")
+    p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
+    p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
+    p.add_argument("--grace-s", type=float, default=30.0)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    registry = Registry(heartbeat_interval_s=args.heartbeat_s, missed_heartbeats=args.missed_heartbeats)
+    for address in args.prefill_addr:
+        registry.add_static(Role.PREFILL, address)
+    for address in args.decode_addr:
+        registry.add_static(Role.DECODE, address)
+    servicer = RouterServicer(registry, Placer(registry))
+    d = daemon.Daemon("router", args.listen, args.grace_s)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, d.server)
+    await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])
+    task = asyncio.create_task(servicer.maintain())
+    try:
+        await d.run_until_signal()
+    finally:
+        task.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    daemon.setup_logging(f"router[{os.getpid()}]")
+    daemon.run(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Protobuf <-> engine types: the one place the daemons convert between them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.engine.model_loader import Fingerprint, ModelSpec
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.errors import InvalidRequestError
+from pdserve.preprocess import ChatMessage, Preprocessor
+from pdserve.v1 import common_pb2
+
+FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+# Sampling fields that are proto3 `optional` and map 1:1 onto SamplingParams.
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs",
+)
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """Absent fields take SamplingParams' defaults (the proto documents the same ones)."""
+    kwargs: dict = {name: getattr(pb, name) for name in _OPTIONAL_SAMPLING_FIELDS if pb.HasField(name)}
+    kwargs["stop"] = tuple(pb.stop)
+    kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def prompt_ids_from_pb(request: common_pb2.GenerateRequest, pre: Preprocessor) -> list[int]:
+    kind = request.WhichOneof("input")
+    rid = request.request_id or None
+    if kind == "prompt":
+        return pre(prompt=request.prompt, request_id=rid)
+    if kind == "messages":
+        msgs = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+        return pre(messages=msgs, request_id=rid)
+    if kind == "prompt_token_ids":
+        return pre(prompt_token_ids=list(request.prompt_token_ids.token_ids), request_id=rid)
+    raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids", request_id=rid)
+
+
+def fingerprint_to_pb(fp: Fingerprint) -> common_pb2.ModelFingerprint:
+    return common_pb2.ModelFingerprint(architecture=fp.architecture, dtype=fp.dtype, weights_digest=fp.weights_digest)
+
+
+def fingerprint_str(pb: common_pb2.ModelFingerprint) -> str:
+    return f"{pb.architecture}/{pb.dtype}/{pb.weights_digest}"
+
+
+def layout_to_pb(spec: ModelSpec, dtype: torch.dtype) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+                               head_dim=spec.head_dim, dtype=str(dtype).removeprefix("torch."))
+
+
+def layout_str(pb: common_pb2.KVLayout) -> str:
+    return f"{pb.num_layers}x{pb.num_kv_heads}x{pb.head_dim}/{pb.dtype}"
+
+
+def logprobs_to_pb(lp: TokenLogprobs | None) -> common_pb2.TokenLogprobs:
+    if lp is None:
+        return common_pb2.TokenLogprobs()
+    return common_pb2.TokenLogprobs(
+        chosen=common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top],
+    )
+
+
+def delta_to_pb(out: RequestOutput, completion_index: int) -> common_pb2.GenerateResponse:
+    delta = common_pb2.TokenDelta(token_ids=out.token_ids, text=out.text, completion_index=completion_index)
+    if out.logprobs is not None:
+        delta.logprobs.extend(logprobs_to_pb(lp) for lp in out.logprobs)
+    return common_pb2.GenerateResponse(delta=delta)
+
+
+def result_to_pb(out: RequestOutput, timings: common_pb2.Timings, **fields) -> common_pb2.GenerateResponse:
+    """The final message; fields: request_id, prefill/decode worker ids, prefill_mode, attempts."""
+    usage = common_pb2.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+                             cached_prompt_tokens=out.num_cached_tokens)
+    result = common_pb2.GenerateResult(
+        finish_reason=FINISH_REASONS.get(out.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+        usage=usage, timings=timings, **fields)
+    return common_pb2.GenerateResponse(result=result)

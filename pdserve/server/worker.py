@@ -1,0 +1,143 @@
+"""What the prefill and decode daemons share: options, the engine and its thread,
+preprocessing, identity (fingerprint, KV layout) and the link to the router.
+
+RouterLink lifecycle: register (retrying with backoff until the router answers),
+then heartbeat the load every interval; a heartbeat answered with `reregister`
+(the router restarted or forgot us) registers again; on drain, one last
+heartbeat says draining so the router stops placing here at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.kv_transfer.protocol import KVGeometry
+from pdserve.preprocess import Preprocessor
+from pdserve.server import wire
+from pdserve.server.daemon import channel
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger("pdserve.worker")
+
+
+def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    p.add_argument("--router", default=None, help="router address to register with")
+    p.add_argument("--worker-id", default=None, help="stable id (default: a random one)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
+    p.add_argument("--kv-cache-gib", type=float, default=default_kv_gib)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs),
+    )
+
+
+class Worker:
+    """The engine thread and everything a servicer needs to know about this worker."""
+
+    def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None) -> None:
+        self.role = role
+        self.engine = engine
+        self.loop = EngineLoop(engine).start()
+        self.preprocessor = Preprocessor(engine.tokenizer)
+        self.worker_id = worker_id or f"{common_pb2.WorkerRole.Name(role).split('_')[-1].lower()}-{uuid.uuid4().hex[:8]}"
+        fp = engine.loaded.fingerprint
+        self.fingerprint_pb = wire.fingerprint_to_pb(fp)
+        self.fingerprint = wire.fingerprint_str(self.fingerprint_pb)
+        self.layout_pb = wire.layout_to_pb(engine.spec, engine.dtype)
+        self.geometry = KVGeometry(engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
+                                   self.layout_pb.dtype)
+        self.pending_prefill_tokens = 0
+        self.draining = False
+
+    async def load(self) -> common_pb2.WorkerLoad:
+        def read(engine: LLMEngine) -> tuple:
+            s = engine.scheduler
+            return engine.stats(), len(s.running) + len(s.remote), len(s.waiting)
+
+        stats, running, waiting = await asyncio.wrap_future(self.loop.call(read))
+        kv = common_pb2.KVStats(block_size=self.engine.kv.block_size, num_total=stats.num_total,
+                                num_free=stats.num_free, num_used=stats.num_used, num_cached=stats.num_cached,
+                                prefix_cache_hit_rate=stats.prefix_hit_rate)
+        return common_pb2.WorkerLoad(num_running_requests=running, num_waiting_requests=waiting,
+                                     num_pending_prefill_tokens=self.pending_prefill_tokens, kv=kv)
+
+    async def stats_response(self) -> common_pb2.StatsResponse:
+        return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=await self.load())
+
+    def close(self) -> None:
+        self.loop.stop()
+
+
+@dataclass
+class RouterLink:
+    worker: Worker
+    router_address: str
+    own_address: str
+    heartbeat_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._channel = channel(self.router_address)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="router-link")
+
+    async def drain(self) -> None:
+        """Tell the router at once that no new work should come here."""
+        self.worker.draining = True
+        await self._stub.Heartbeat(router_pb2.HeartbeatRequest(
+            worker_id=self.worker.worker_id, load=await self.worker.load(), draining=True), timeout=2.0)
+
+    async def _register(self) -> None:
+        w = self.worker
+        request = router_pb2.RegisterRequest(
+            worker_id=w.worker_id, role=w.role, address=self.own_address, model=w.fingerprint_pb,
+            preprocessing_version=w.preprocessor.version, kv_layout=w.layout_pb, load=await w.load())
+        response = await self._stub.Register(request, timeout=5.0)
+        w.worker_id = response.worker_id or w.worker_id
+        log.info("registered with router %s as %s", self.router_address, w.worker_id)
+
+    async def _run(self) -> None:
+        registered = False
+        backoff = 0.1
+        while True:
+            try:
+                if not registered:
+                    await self._register()
+                    registered, backoff = True, 0.1
+                response = await self._stub.Heartbeat(router_pb2.HeartbeatRequest(
+                    worker_id=self.worker.worker_id, load=await self.worker.load(),
+                    draining=self.worker.draining), timeout=max(2.0, self.heartbeat_s))
+                registered = not response.reregister
+                await asyncio.sleep(self.heartbeat_s)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("router %s: %s; retrying in %.1f s", self.router_address, exc.code().name, backoff)
+                registered = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
