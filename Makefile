@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# A local router, one prefill and one decode worker on the default model answer one
+# request through the client SDK, then stop.
 run: install
-	$(BIN)/pdserve generate --local --max-tokens 64 --temperature 0 --chat "What is the capital of France? Answer in one sentence."
+	$(BIN)/pdserve up --port 0 --demo "What is the capital of France? Answer in one sentence."
 
 test: install
 	$(BIN)/python -m pytest -q

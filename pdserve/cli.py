@@ -8,10 +8,11 @@ line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import uuid
 
-from pdserve.errors import PdserveError
+from pdserve.errors import InvalidRequestError, PdserveError
 
 EXIT_USAGE = 2
 
@@ -42,12 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     add_sampling_args(gen)
     gen.add_argument("--kv-cache-gib", type=float, default=0.5)
+    gen.add_argument("--router", default=None, help="router address (instead of --local)")
+
+    up = sub.add_parser("up", help="start a local cluster: a router, prefill and decode workers")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--port", type=int, default=50051, help="router port on 127.0.0.1 (0: any free one)")
+    up.add_argument("--model", default=None)
+    up.add_argument("--dtype", default=None)
+    up.add_argument("--device", default="cpu")
+    up.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
+    up.add_argument("--log", default=None, help="append the daemons' logs to this file")
+    up.add_argument("--demo", default=None, metavar="PROMPT",
+                    help="send PROMPT through the cluster, print the answer, stop (make run)")
+
+    chat = sub.add_parser("chat", help="interactive chat through a router")
+    chat.add_argument("--router", required=True)
+    add_sampling_args(chat)
     return parser
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=args.stop or None)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.router:
+        return _generate_remote(args)
     if not args.local:
-        raise PdserveError("generate: pass --local (router mode comes with the daemons)")
+        raise InvalidRequestError("--local", "pass --local (engine in this process) or --router ADDR")
     # Imported here so that `pdserve --help` and argument errors stay instant.
     import torch
 
@@ -83,7 +108,97 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate}
+def _generate_remote(args: argparse.Namespace) -> int:
+    from pdserve.client import Client
+
+    with Client(args.router) as client:
+        kwargs = _sampling_kwargs(args)
+        if args.chat:
+            stream = client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs)
+        else:
+            stream = client.generate(args.prompt, **kwargs)
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _print_result(stream.result)
+    return 0
+
+
+def _print_result(result) -> None:
+    if result is None:
+        return
+    t = result.timings
+    print(f"[{result.finish_reason}: {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
+          f"generated tokens; ttft {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms, "
+          f"prefill {result.prefill_mode or '-'} on {result.prefill_worker_id}, decode on {result.decode_worker_id}]",
+          file=sys.stderr)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from pdserve.cluster import ClusterSpec, LocalCluster
+
+    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
+                       device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
+                       log_path=args.log)
+    if args.prefill < 0 or args.decode < 1:
+        raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
+    print(f"starting a router, {args.prefill} prefill and {args.decode} decode workers...", file=sys.stderr)
+    with LocalCluster(spec) as cluster:
+        info = cluster.describe()
+        print(f"router {info['router']}; prefill {info['prefill']}; decode {info['decode']}", file=sys.stderr)
+        print(json.dumps(info), flush=True)
+        if args.demo:
+            return _demo(cluster.address, args.demo)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _demo(router: str, prompt: str) -> int:
+    from pdserve.client import Client
+
+    with Client(router) as client:
+        print(f"> {prompt}")
+        stream = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0)
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _print_result(stream.result)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pdserve.client import Client
+
+    history: list[dict] = []
+    with Client(args.router) as client:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            reply = []
+            sys.stdout.write("assistant> ")
+            for delta in client.generate(messages=history, **_sampling_kwargs(args)):
+                reply.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+
+COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

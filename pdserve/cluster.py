@@ -1,0 +1,196 @@
+"""A local cluster: a router and N prefill + M decode workers as child processes.
+
+Used by `pdserve up`, `make run`, the benchmarks and the end-to-end tests.
+1. the router starts first; each worker gets --router, its own --cpus, --threads
+   and --kv-cache-gib (the cores and memory split between the workers);
+2. every child prints a JSON ready line with its bound address (port 0 picks a free
+   one); the cluster waits for all of them and for every worker to be registered
+   and healthy at the router;
+3. children die with the parent (PR_SET_PDEATHSIG), and stop() sends SIGTERM,
+   then SIGKILL after a grace period: no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pdserve.errors import FatalError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: stop() still cleans up
+        pass
+
+
+@dataclass
+class Child:
+    role: str
+    args: list[str]
+    env: dict[str, str] | None = None
+    process: subprocess.Popen | None = None
+    address: str = ""
+    log_lines: list[str] = field(default_factory=list)
+
+    def start(self, log_file) -> None:
+        cmd = [sys.executable, "-m", f"pdserve.server.{self.role}", *self.args]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                        env=self.env, preexec_fn=_die_with_parent)
+
+    def wait_ready(self, timeout: float) -> str:
+        """Read stdout until the ready line; the address it names."""
+        assert self.process is not None and self.process.stdout is not None
+        result: dict = {}
+
+        def read() -> None:
+            for line in self.process.stdout:
+                self.log_lines.append(line)
+                if line.startswith("{") and '"ready"' in line:
+                    result.update(json.loads(line))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not result:
+            raise FatalError(f"{self.role} did not become ready within {timeout:.0f} s "
+                             f"(exit code {self.process.poll()})")
+        self.address = result["address"]
+        return self.address
+
+    def stop(self, grace_s: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class ClusterSpec:
+    num_prefill: int = 1
+    num_decode: int = 1
+    model: str | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    router_listen: str = "127.0.0.1:0"
+    kv_cache_gib: float | None = None  # per worker; None: split a share of free memory
+    heartbeat_s: float = 1.0
+    # Extra flags per role, e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+    # Extra environment per worker index (prefill first), e.g. fault injection.
+    worker_env: dict[int, dict[str, str]] = field(default_factory=dict)
+    log_path: str | None = None
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.router: Child | None = None
+        self.workers: list[Child] = []
+        self._log = None
+
+    @property
+    def address(self) -> str:
+        assert self.router is not None
+        return self.router.address
+
+    def start(self, timeout: float = 180.0) -> LocalCluster:
+        spec = self.spec
+        self._log = open(spec.log_path, "a") if spec.log_path else subprocess.DEVNULL
+        try:
+            self.router = Child("router", ["--listen", spec.router_listen, "--heartbeat-s", str(spec.heartbeat_s),
+                                           "--grace-s", "5"])
+            self.router.start(self._log)
+            self.router.wait_ready(30)
+            roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode
+            for i, role in enumerate(roles):
+                self.workers.append(self._worker(i, role, len(roles)))
+                self.workers[-1].start(self._log)
+            for w in self.workers:
+                w.wait_ready(timeout)
+            self.wait_registered(len(self.workers), timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _worker(self, index: int, role: str, num_workers: int) -> Child:
+        spec = self.spec
+        mine = _cpus_for(index, num_workers)
+        threads = len(mine)
+        args = ["--router", self.address, "--listen", "127.0.0.1:0", "--cpus", ",".join(map(str, mine)),
+                "--threads", str(threads), "--kv-cache-gib", str(self._kv_gib(num_workers)),
+                "--heartbeat-s", str(spec.heartbeat_s), "--device", spec.device, "--grace-s", "5"]
+        if spec.model:
+            args += ["--model", spec.model]
+        if spec.dtype:
+            args += ["--dtype", spec.dtype]
+        args += spec.extra_args.get(role, [])
+        env = dict(os.environ, **spec.worker_env[index]) if index in spec.worker_env else None
+        return Child(role, args, env)
+
+    def _kv_gib(self, num_workers: int) -> float:
+        if self.spec.kv_cache_gib is not None:
+            return self.spec.kv_cache_gib
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return round(max(0.1, min(2.0, available * 0.3 / num_workers)), 2)
+
+    def wait_registered(self, count: int, timeout: float = 30.0) -> None:
+        """Until `count` workers are registered and healthy at the router."""
+        from pdserve.client import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.address) as client:
+            while time.monotonic() < deadline:
+                healthy = [w for w in client.cluster_status() if w.health == "healthy"]
+                if len(healthy) >= count:
+                    return
+                time.sleep(0.1)
+        raise FatalError(f"fewer than {count} workers registered within {timeout:.0f} s")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for child in [*self.workers, *([self.router] if self.router else [])]:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        for child in [*self.workers, *([self.router] if self.router else [])]:
+            child.stop(grace_s)
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def describe(self) -> dict:
+        return {"ready": True, "router": self.address,
+                "prefill": [w.address for w in self.workers if w.role == "prefill"],
+                "decode": [w.address for w in self.workers if w.role == "decode"]}
+
+
+def _cpus_for(index: int, num_workers: int) -> list[int]:
+    """An equal share of this process's cores; one core each (round robin) when fewer cores than workers.
+
+    Pinning keeps a long prefill from taking cycles from the decode worker's steps.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if num_workers >= len(cpus):
+        return [cpus[index % len(cpus)]]
+    per = len(cpus) // num_workers
+    return cpus[index * per:(index + 1) * per]
