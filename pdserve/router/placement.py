@@ -1,0 +1,155 @@
+"""The placement policy: which decode worker serves a request, and which prefill workers
+it should pull the prompt's KV from, in order.
+
+Decode worker: power of two choices among the HEALTHY decode workers not excluded. Two
+are sampled at random (the only one is taken when there is one) and the better wins:
+  (a) KV room first. Estimated free blocks = the reported `kv_num_free` minus the blocks
+      of the requests the router placed there since (`in_flight * ceil(estimate /
+      block_size)`, a rough but cheap guess). A worker whose estimate cannot hold the
+      prompt loses to any that can: it would refuse the KV header (RESOURCE_EXHAUSTED)
+      and cost a retry.
+  (b) Then fewer running + waiting + in-flight requests; then more free blocks; then the
+      smaller id, so the choice is a function of the state and the rng.
+Why two random choices rather than the best of all: load reports are up to a heartbeat
+old, and every request placed before the next report would pile onto the same "best"
+worker (herding). Sampling two keeps most of the benefit of choosing by load, but
+spreads requests between reports; `in_flight` corrects the reports in between.
+
+Prefill candidates: HEALTHY prefill workers compatible with the chosen decode worker
+(equal model fingerprint, KV layout and preprocessing version, with unknown values from
+static registration matching anything, and the pair not marked incompatible), ordered
+by pending prefill tokens + in_flight * estimate, least first, at most
+`max_prefill_candidates`. The decode worker tries them in order and prefills locally
+when the list is empty or all fail.
+
+`place` does not record its choice: the caller calls `registry.begin` for the workers it
+sends the request to, and `registry.finish` when the request ends.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Set
+from dataclasses import dataclass
+
+from pdserve.errors import UnavailableError
+from pdserve.router.registry import Registry, Role, Worker
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode: Worker
+    prefills: list[Worker]  # candidates for the decode worker to try, best first; may be empty
+    reason: str  # why, for logs and traces
+
+
+@dataclass(frozen=True)
+class DecodeScore:
+    """How a decode worker looks for one prompt; smaller `key` is better."""
+
+    fits: bool
+    free_blocks: int  # estimated, after the router's own placements since the report
+    num_requests: int  # running + waiting + in flight
+
+    @property
+    def key(self) -> tuple[bool, int, int]:
+        return (not self.fits, self.num_requests, -self.free_blocks)
+
+
+def decode_score(worker: Worker, num_tokens: int) -> DecodeScore:
+    load = worker.load
+    num_requests = load.num_running + load.num_waiting + worker.in_flight
+    if load.kv_block_size == 0:
+        # No KV pool reported yet (a static worker before its first poll): no known room.
+        return DecodeScore(fits=False, free_blocks=0, num_requests=num_requests)
+    need = math.ceil(num_tokens / load.kv_block_size)
+    free = load.kv_num_free - worker.in_flight * need
+    return DecodeScore(fits=free >= need, free_blocks=free, num_requests=num_requests)
+
+
+def prefill_score(worker: Worker, num_tokens: int) -> int:
+    """Prompt tokens queued ahead of a new prompt on this prefill worker (estimated)."""
+    return worker.load.num_pending_prefill_tokens + worker.in_flight * num_tokens
+
+
+def compatible(registry: Registry, prefill: Worker, decode: Worker) -> bool:
+    return prefill.info.compatible_with(decode.info) and not registry.is_incompatible(
+        prefill.worker_id, decode.worker_id
+    )
+
+
+class Placer:
+    """Chooses a decode worker and prefill candidates for each request; see the module."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        rng: random.Random | None = None,
+        max_prefill_candidates: int = 3,
+    ) -> None:
+        if max_prefill_candidates < 0:
+            raise ValueError(f"max_prefill_candidates must be >= 0, got {max_prefill_candidates}")
+        self.registry = registry
+        self.rng = rng if rng is not None else random.Random()
+        self.max_prefill_candidates = max_prefill_candidates
+
+    def place(
+        self, num_prompt_tokens_estimate: int, *, exclude_decode: Set[str] = frozenset()
+    ) -> Placement:
+        """Pick a decode worker and its prefill candidates for a prompt of about this size.
+
+        Raises UnavailableError when no healthy decode worker is left after `exclude_decode`.
+        """
+        if num_prompt_tokens_estimate < 0:
+            raise ValueError(
+                f"num_prompt_tokens_estimate must be >= 0, got {num_prompt_tokens_estimate}"
+            )
+        decodes = [
+            w for w in self.registry.healthy(Role.DECODE) if w.worker_id not in exclude_decode
+        ]
+        if not decodes:
+            raise UnavailableError("no healthy decode worker")
+        decode, sampled = self._choose_decode(decodes, num_prompt_tokens_estimate)
+        prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate)
+        reason = _describe(decode, sampled, prefills, num_prompt_tokens_estimate)
+        return Placement(decode=decode, prefills=prefills, reason=reason)
+
+    def _choose_decode(
+        self, decodes: list[Worker], num_tokens: int
+    ) -> tuple[Worker, list[Worker]]:
+        """The better of two sampled workers, and the sample (for the reason string)."""
+        sampled = decodes if len(decodes) == 1 else self.rng.sample(decodes, 2)
+        best = min(
+            sampled, key=lambda w: (decode_score(w, num_tokens).key, w.worker_id)
+        )
+        return best, sampled
+
+    def _prefill_candidates(self, decode: Worker, num_tokens: int) -> list[Worker]:
+        matching = [
+            w
+            for w in self.registry.healthy(Role.PREFILL)
+            if compatible(self.registry, w, decode)
+        ]
+        matching.sort(key=lambda w: (prefill_score(w, num_tokens), w.worker_id))
+        return matching[: self.max_prefill_candidates]
+
+
+def _describe(
+    decode: Worker, sampled: list[Worker], prefills: list[Worker], num_tokens: int
+) -> str:
+    score = decode_score(decode, num_tokens)
+    room = f"{score.free_blocks} free blocks"
+    if not score.fits:
+        room += " (too few for the prompt)"
+    how = (
+        "only candidate"
+        if len(sampled) == 1
+        else "p2c of " + ",".join(sorted(w.worker_id for w in sampled))
+    )
+    text = f"decode {decode.worker_id}: {room}, {score.num_requests} requests ({how})"
+    if not prefills:
+        return text + "; no compatible prefill: decode prefills locally"
+    first = prefills[0]
+    return text + f"; prefill {first.worker_id}: {prefill_score(first, num_tokens)} pending tokens"
