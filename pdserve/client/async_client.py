@@ -1,0 +1,224 @@
+"""The asyncio client: `AsyncClient` and the `AsyncGenerateStream` its generate returns.
+
+Same contract as the sync client: leaving a stream early (break then garbage
+collection, aclose(), cancelling the task that reads it) cancels the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+
+import grpc
+
+from pdserve.client.channel import (
+    CHANNEL_OPTIONS,
+    CLUSTER_SERVICES,
+    GENERATE_SERVICES,
+    STATS_SERVICES,
+    Service,
+    check_service,
+    deadline,
+    generate_request,
+    require,
+    rpc_error,
+)
+from pdserve.client.convert import (
+    MessageLike,
+    completion_from,
+    delta_from_pb,
+    result_from_pb,
+    stats_from_pb,
+    worker_from_pb,
+)
+from pdserve.client.types import Completion, Delta, GenerationResult, WorkerInfo, WorkerStats
+from pdserve.errors import FatalError
+from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
+
+
+class AsyncGenerateStream(AsyncIterator[Delta]):
+    """Async-iterates the deltas of one generate call; `.result` holds its
+    GenerationResult once the stream has ended (None before, or if the call failed)."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self.result: GenerationResult | None = None
+        self._call = call
+        self._done = False
+
+    def __aiter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        while not self._done:
+            response = await self._read()
+            if response is None:
+                self._done = True
+                if self.result is None:
+                    raise FatalError("the generate stream ended without a GenerateResult")
+                break
+            kind = response.WhichOneof("kind")
+            if kind == "delta":
+                return delta_from_pb(response.delta)
+            if kind == "result":
+                # Keep reading: the stream's end (and its status) comes next.
+                self.result = result_from_pb(response.result)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        """Cancels the call if it is still running; idempotent and safe from sync code."""
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # An abandoned stream must not keep the request running on the servers.
+        if getattr(self, "_call", None) is None:
+            return
+        try:
+            self.cancel()
+        except RuntimeError:
+            pass  # the event loop is already closed; so is the call
+
+    async def _read(self) -> common_pb2.GenerateResponse | None:
+        try:
+            response = await self._call.read()
+        except asyncio.CancelledError:
+            # The reading task was cancelled: the call must end with it.
+            self.cancel()
+            raise
+        except grpc.RpcError as exc:
+            self._done = True
+            raise rpc_error(exc) from None
+        return None if response is grpc.aio.EOF else response
+
+
+class AsyncClient:
+    """asyncio client of a RouterService (default) or, for tests and operators,
+    of one daemon's DecodeService ("decode") or PrefillService ("prefill", stats only).
+
+    Create it inside the event loop that uses it.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router") -> None:
+        self.address = address
+        self.service = check_service(service)
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._router = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._decode = decode_pb2_grpc.DecodeServiceStub(self._channel)
+        self._prefill = prefill_pb2_grpc.PrefillServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Closes the channel; calls still running are cancelled."""
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageLike] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerateStream:
+        """Starts a generation; `async for` over the returned stream for its `Delta`s.
+
+        Not a coroutine: the call starts at once. Arguments as `Client.generate`.
+        """
+        require(self.service, GENERATE_SERVICES, "generate")
+        sampling: Mapping[str, object] = dict(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, logprobs=logprobs)
+        request = generate_request(self.service, prompt=prompt, messages=messages,
+                                   prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                   request_id=request_id)
+        stub = self._router if self.service == "router" else self._decode
+        call = stub.Generate(request, timeout=deadline(timeout, self._timeout))
+        return AsyncGenerateStream(call)
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageLike] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Completion:
+        """Runs a generation to its end; same arguments as `generate`."""
+        async with self.generate(
+            prompt, messages=messages, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id,
+        ) as stream:
+            deltas = [delta async for delta in stream]
+        assert stream.result is not None  # a stream that ends cleanly has one, or raised
+        return completion_from(deltas, stream.result)
+
+    async def cluster_status(self, *, timeout: float | None = None) -> list[WorkerInfo]:
+        """Every worker the router knows, sorted by worker_id."""
+        require(self.service, CLUSTER_SERVICES, "cluster_status")
+        try:
+            response = await self._router.ClusterStatus(router_pb2.ClusterStatusRequest(),
+                                                        timeout=deadline(timeout, self._timeout))
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return [worker_from_pb(worker) for worker in response.workers]
+
+    async def stats(self, *, timeout: float | None = None) -> WorkerStats:
+        """The target daemon's load and KV stats (service "decode" or "prefill")."""
+        require(self.service, STATS_SERVICES, "stats")
+        stub = self._decode if self.service == "decode" else self._prefill
+        try:
+            response = await stub.Stats(common_pb2.StatsRequest(), timeout=deadline(timeout, self._timeout))
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return stats_from_pb(response)

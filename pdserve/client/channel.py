@@ -1,0 +1,81 @@
+"""What the sync and async clients share: channel options, target services,
+deadlines, the request each service expects, and gRPC error translation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import grpc
+from google.protobuf.message import Message
+
+from pdserve.client.convert import MessageLike, decode_request_pb, request_pb
+from pdserve.errors import PdserveError
+from pdserve.status import error_from_status
+
+Service = Literal["router", "decode", "prefill"]
+SERVICES: tuple[Service, ...] = ("router", "decode", "prefill")
+
+# The RPCs each target answers; calling another is a programming error.
+GENERATE_SERVICES: tuple[Service, ...] = ("router", "decode")
+STATS_SERVICES: tuple[Service, ...] = ("decode", "prefill")
+CLUSTER_SERVICES: tuple[Service, ...] = ("router",)
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    # Detect a dead peer on a long, quiet stream (a request queued for minutes).
+    # Without calls in flight no pings: servers punish idle pings with GOAWAY.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+
+
+def check_service(service: str) -> Service:
+    if service not in SERVICES:
+        raise ValueError(f"service must be one of {SERVICES}, got {service!r}")
+    return service  # type: ignore[return-value]  # narrowed by the check above
+
+
+def require(service: Service, allowed: tuple[Service, ...], method: str) -> None:
+    if service not in allowed:
+        raise ValueError(f"{method}() needs a client for service {' or '.join(allowed)}, "
+                         f"this one targets {service!r}")
+
+
+def deadline(call_timeout: float | None, default_timeout: float | None) -> float | None:
+    """Seconds until the call's gRPC deadline: the call's own, else the client's."""
+    return call_timeout if call_timeout is not None else default_timeout
+
+
+def generate_request(
+    service: Service,
+    *,
+    prompt: str | None,
+    messages: Sequence[MessageLike] | None,
+    prompt_token_ids: Sequence[int] | None,
+    sampling: Mapping[str, object],
+    request_id: str | None,
+) -> Message:
+    """The request message `service`'s Generate takes."""
+    if service == "decode" and request_id is None:
+        # A decode daemon expects the router to have named the request.
+        request_id = uuid.uuid4().hex
+    request = request_pb(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids,
+                         sampling=sampling, request_id=request_id)
+    return decode_request_pb(request) if service == "decode" else request
+
+
+def rpc_error(exc: grpc.RpcError) -> PdserveError:
+    """The pdserve exception for a failed call (sync or asyncio).
+
+    Every RpcError grpc raises from a call (the sync call objects, AioRpcError)
+    carries code() and details(); the base class declares neither.
+    """
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details()  # type: ignore[attr-defined]
+    return error_from_status(code or grpc.StatusCode.UNKNOWN, details or "")

@@ -1,0 +1,231 @@
+"""Protobuf conversion for the client SDK, one function per direction and message.
+
+Requests are built only by `request_pb` (and wrapped for a decode daemon by
+`decode_request_pb`); responses become plain types only through the
+`*_from_pb` functions. Nothing else in the SDK touches protobuf fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from pdserve.client.types import (
+    ChatMessage,
+    Completion,
+    Delta,
+    FinishReason,
+    GenerationResult,
+    KVStats,
+    PrefillMode,
+    Timings,
+    TokenLogprob,
+    Usage,
+    WorkerHealth,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRole,
+    WorkerStats,
+)
+from pdserve.errors import InvalidRequestError
+from pdserve.v1 import common_pb2, decode_pb2, router_pb2
+
+_FINISH_REASONS: dict[int, FinishReason] = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+_PREFILL_MODES: dict[int, PrefillMode] = {
+    common_pb2.PREFILL_MODE_REMOTE: "remote",
+    common_pb2.PREFILL_MODE_LOCAL: "local",
+}
+_ROLES: dict[int, WorkerRole] = {
+    common_pb2.WORKER_ROLE_PREFILL: "prefill",
+    common_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_HEALTH: dict[int, WorkerHealth] = {
+    router_pb2.WORKER_HEALTH_HEALTHY: "healthy",
+    router_pb2.WORKER_HEALTH_DRAINING: "draining",
+    router_pb2.WORKER_HEALTH_UNHEALTHY: "unhealthy",
+}
+
+MessageLike = ChatMessage | Mapping[str, str]
+
+
+def request_pb(
+    *,
+    prompt: str | None,
+    messages: Sequence[MessageLike] | None,
+    prompt_token_ids: Sequence[int] | None,
+    sampling: Mapping[str, object],
+    request_id: str | None,
+) -> common_pb2.GenerateRequest:
+    """The GenerateRequest for `generate(...)`'s arguments.
+
+    `sampling` maps SamplingParams field names to values; a None value leaves
+    the field absent (how seed and logprobs say "off"), anything else is set
+    explicitly. Values protobuf rejects (a negative max_tokens, a str seed)
+    raise InvalidRequestError naming the field, as the server would.
+    """
+    request = common_pb2.GenerateRequest(request_id=request_id or "")
+    _set_input(request, prompt, messages, prompt_token_ids)
+    params = request.sampling_params
+    params.SetInParent()  # present even if every value were None
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        try:
+            if name in ("stop", "stop_token_ids"):
+                getattr(params, name).extend([value] if isinstance(value, str) else value)
+            else:
+                setattr(params, name, value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(name, str(exc), request_id=request_id) from None
+    return request
+
+
+def decode_request_pb(request: common_pb2.GenerateRequest) -> decode_pb2.DecodeGenerateRequest:
+    """Wraps a request for DecodeService.Generate: no prefill candidates, so it prefills locally."""
+    return decode_pb2.DecodeGenerateRequest(request=request)
+
+
+def delta_from_pb(pb: common_pb2.TokenDelta) -> Delta:
+    return Delta(
+        text=pb.text,
+        token_ids=list(pb.token_ids),
+        logprobs=[_logprob_from_pb(entry) for entry in pb.logprobs] or None,
+        completion_index=pb.completion_index,
+    )
+
+
+def result_from_pb(pb: common_pb2.GenerateResult) -> GenerationResult:
+    matched = pb.WhichOneof("matched_stop")
+    return GenerationResult(
+        finish_reason=_FINISH_REASONS.get(pb.finish_reason),
+        usage=Usage(
+            prompt_tokens=pb.usage.prompt_tokens,
+            completion_tokens=pb.usage.completion_tokens,
+            cached_prompt_tokens=pb.usage.cached_prompt_tokens,
+        ),
+        timings=Timings(
+            queue_ms=pb.timings.queue_ms,
+            prefill_ms=pb.timings.prefill_ms,
+            kv_transfer_ms=pb.timings.kv_transfer_ms,
+            decode_ms=pb.timings.decode_ms,
+            total_ms=pb.timings.total_ms,
+            time_to_first_token_ms=pb.timings.time_to_first_token_ms,
+        ),
+        request_id=pb.request_id,
+        prefill_worker_id=pb.prefill_worker_id,
+        decode_worker_id=pb.decode_worker_id,
+        prefill_mode=_PREFILL_MODES.get(pb.prefill_mode),
+        num_prefill_attempts=pb.num_prefill_attempts,
+        stop_string=pb.stop_string if matched == "stop_string" else None,
+        stop_token_id=pb.stop_token_id if matched == "stop_token_id" else None,
+    )
+
+
+def completion_from(deltas: Sequence[Delta], result: GenerationResult) -> Completion:
+    """Joins a stream's deltas with its result (plain types in, no protobuf)."""
+    logprobs = [entry for delta in deltas for entry in (delta.logprobs or ())]
+    has_logprobs = any(delta.logprobs is not None for delta in deltas)
+    return Completion(
+        text="".join(delta.text for delta in deltas),
+        token_ids=[token_id for delta in deltas for token_id in delta.token_ids],
+        logprobs=logprobs if has_logprobs else None,
+        finish_reason=result.finish_reason,
+        usage=result.usage,
+        timings=result.timings,
+        request_id=result.request_id,
+        prefill_worker_id=result.prefill_worker_id,
+        decode_worker_id=result.decode_worker_id,
+        prefill_mode=result.prefill_mode,
+        num_prefill_attempts=result.num_prefill_attempts,
+        stop_string=result.stop_string,
+        stop_token_id=result.stop_token_id,
+    )
+
+
+def worker_from_pb(pb: router_pb2.WorkerStatus) -> WorkerInfo:
+    model, layout = pb.model, pb.kv_layout
+    return WorkerInfo(
+        worker_id=pb.worker_id,
+        role=_ROLES.get(pb.role),
+        address=pb.address,
+        health=_HEALTH.get(pb.health),
+        load=_load_from_pb(pb.load),
+        model_fingerprint=f"{model.architecture}/{model.dtype}/{model.weights_digest}",
+        preprocessing_version=pb.preprocessing_version,
+        kv_layout=(f"layers={layout.num_layers} kv_heads={layout.num_kv_heads} "
+                   f"head_dim={layout.head_dim} dtype={layout.dtype}"),
+        last_heartbeat_age_ms=pb.last_heartbeat_age_ms,
+    )
+
+
+def stats_from_pb(pb: common_pb2.StatsResponse) -> WorkerStats:
+    return WorkerStats(worker_id=pb.worker_id, role=_ROLES.get(pb.role), load=_load_from_pb(pb.load))
+
+
+def _set_input(
+    request: common_pb2.GenerateRequest,
+    prompt: str | None,
+    messages: Sequence[MessageLike] | None,
+    prompt_token_ids: Sequence[int] | None,
+) -> None:
+    given = [name for name, value in (("prompt", prompt), ("messages", messages),
+                                      ("prompt_token_ids", prompt_token_ids)) if value is not None]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "prompt", f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})",
+            request_id=request.request_id or None)
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt", f"must be a str, got {type(prompt).__name__}",
+                                      request_id=request.request_id or None)
+        request.prompt = prompt
+    elif messages is not None:
+        request.messages.SetInParent()
+        for i, message in enumerate(messages):
+            role, content = _role_and_content(message, i, request.request_id or None)
+            request.messages.messages.add(role=role, content=content)
+    else:
+        try:
+            request.prompt_token_ids.token_ids.extend(prompt_token_ids or ())
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError("prompt_token_ids", str(exc), request_id=request.request_id or None) from None
+        request.prompt_token_ids.SetInParent()
+
+
+def _role_and_content(message: MessageLike, index: int, request_id: str | None) -> tuple[str, str]:
+    if isinstance(message, ChatMessage):
+        return message.role, message.content
+    if isinstance(message, Mapping) and isinstance(message.get("role"), str) \
+            and isinstance(message.get("content"), str):
+        return message["role"], message["content"]
+    raise InvalidRequestError(
+        f"messages[{index}]", "must be a ChatMessage or a dict with str 'role' and 'content'",
+        request_id=request_id)
+
+
+def _logprob_from_pb(pb: common_pb2.TokenLogprobs) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=pb.chosen.token_id,
+        logprob=pb.chosen.logprob,
+        top=[TokenLogprob(token_id=alt.token_id, logprob=alt.logprob) for alt in pb.top],
+    )
+
+
+def _load_from_pb(pb: common_pb2.WorkerLoad) -> WorkerLoad:
+    kv = pb.kv
+    return WorkerLoad(
+        num_running_requests=pb.num_running_requests,
+        num_waiting_requests=pb.num_waiting_requests,
+        num_pending_prefill_tokens=pb.num_pending_prefill_tokens,
+        kv=KVStats(
+            block_size=kv.block_size,
+            num_total=kv.num_total,
+            num_free=kv.num_free,
+            num_used=kv.num_used,
+            num_cached=kv.num_cached,
+            prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
+        ),
+    )

@@ -1,0 +1,399 @@
+"""Sampling: the per-request parameters, their validation, and the batched sampler.
+
+Owns `SamplingParams` (what a request asks for), `SamplingRow` (one row of logits
+to sample, with the history penalties need), and `Sampler`, which turns a batch of
+logits into one token (and optionally logprobs) per row.
+
+The random draw of a token is a function of (seed, position) alone, through
+`draw_uniforms`, so the same token comes out whichever batch, step or process
+samples it: a request moved from one decode worker to another, or re-run after a
+preemption, continues exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63
+# Below this temperature, logits / temperature can overflow float32; such rows are greedy.
+MIN_TEMPERATURE = 1e-5
+# Top-k / top-p sets are looked for among at most this many best tokens of a row,
+# those within this many nats of its best logit (probability ratio e**-12 ~ 6e-6),
+# before falling back to a full sort.
+_MAX_CANDIDATES = 1024
+_CANDIDATE_LOGIT_RANGE = 12.0
+
+_MASK64 = (1 << 64) - 1
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    # bool is an int subclass, but max_tokens=True is a bug in the caller, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be an integer, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidRequestError(name, f"must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidRequestError(name, f"must be finite, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each generated token and when to stop; validated on construction."""
+
+    max_tokens: int = 256
+    # 0 means greedy (and so does anything below MIN_TEMPERATURE).
+    temperature: float = 1.0
+    # In (0, 1]: keep the smallest set of tokens whose probability mass reaches top_p.
+    top_p: float = 1.0
+    # 0 means off.
+    top_k: int = 0
+    # In [0, 1]: drop tokens with probability below min_p times the top probability.
+    min_p: float = 0.0
+    # > 0, HF semantics, over prompt and output tokens.
+    repetition_penalty: float = 1.0
+    # In [-2, 2], OpenAI semantics, over output tokens.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: the engine draws one at submission.
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # None: off; else the number of top alternatives (0..MAX_LOGPROBS) reported per token.
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("top_k", self.top_k, 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError("ignore_eos", f"must be a bool, got {type(self.ignore_eos).__name__}")
+        self._validate_floats()
+        object.__setattr__(self, "stop", _validated_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _validated_stop_token_ids(self.stop_token_ids))
+
+    def _validate_floats(self) -> None:
+        # (name, lowest, highest, whether the lowest value itself is allowed)
+        ranges = (
+            ("temperature", 0.0, math.inf, True),
+            ("top_p", 0.0, 1.0, False),
+            ("min_p", 0.0, 1.0, True),
+            ("repetition_penalty", 0.0, math.inf, False),
+            ("presence_penalty", -2.0, 2.0, True),
+            ("frequency_penalty", -2.0, 2.0, True),
+        )
+        for name, low, high, low_ok in ranges:
+            value = _check_float(name, getattr(self, name))
+            if value > high or value < low or (value == low and not low_ok):
+                interval = f"{'[' if low_ok else '('}{low}, {high}]"
+                raise InvalidRequestError(name, f"must be in {interval}, got {value}")
+            # Store ints given for float fields as floats, so equal params compare and hash equal.
+            object.__setattr__(self, name, value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _validated_stop(stop: object) -> tuple[str, ...]:
+    # Not a bare string: taking it as one stop string, or as its characters, would be a guess.
+    if not isinstance(stop, (tuple, list)):
+        raise InvalidRequestError("stop", f"must be a tuple of strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for s in stop:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                "stop", f"each stop string must be a non-empty str of at most {MAX_STOP_STRING_CHARS} chars"
+            )
+    return tuple(stop)
+
+
+def _validated_stop_token_ids(ids: object) -> tuple[int, ...]:
+    if not isinstance(ids, (tuple, list)):
+        raise InvalidRequestError("stop_token_ids", f"must be a tuple of ints, got {type(ids).__name__}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InvalidRequestError("stop_token_ids", "each stop token id must be an int >= 0")
+    return tuple(ids)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One row of logits to sample and what the sampler needs to know about its request."""
+
+    params: SamplingParams
+    # Index in the sequence of the token being sampled (= len(prompt) + len(output so far)).
+    position: int
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    # The effective seed: params.seed, or one the engine drew at submission.
+    seed: int
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    # Top-n (token_id, logprob), best first; n = params.logprobs.
+    top: list[tuple[int, float]]
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    # One entry per row, in row order.
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def draw_key(seed: int, position: int) -> int:
+    """The generator seed for the token at `position` of a request seeded with `seed`."""
+    key = _splitmix64(_splitmix64(seed) ^ position)
+    # torch's CPU generator (mt19937) keeps only 32 bits of its seed; fold all 64 in so
+    # that neither half of the key is ignored.
+    return (key ^ (key >> 32)) & 0xFFFFFFFF
+
+
+def draw_uniforms(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """A [V] float32 CPU tensor of uniforms in [0, 1), one per token id.
+
+    A function of its arguments alone: no global RNG state, batch or device enters it.
+    """
+    return _fill_uniforms(torch.empty(vocab_size, dtype=torch.float32), seed, position)
+
+
+def _fill_uniforms(out: torch.Tensor, seed: int, position: int) -> torch.Tensor:
+    """Writes draw_uniforms(seed, position, len(out)) into the [V] float32 CPU tensor `out`."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(draw_key(seed, position))
+    return torch.rand(out.shape, generator=generator, dtype=torch.float32, out=out)
+
+
+class Sampler:
+    """Samples one token per row of a batch of logits.
+
+    Per row, in order: repetition penalty, presence/frequency penalties, then either
+    the greedy pick (first maximum) or temperature, top-k, top-p, min-p and a seeded
+    draw. The draw is the exponential race: the token maximising prob / Exp(1), with
+    the exponentials made from `draw_uniforms(seed, position, V)`, done in log space
+    as a Gumbel-max over the filtered logits.
+
+    Logprobs, when a row asks for them, are the log_softmax of the logits after the
+    penalties and before temperature, top-k, top-p and min-p: they describe the
+    model's (penalised) distribution, not the filtered one the token was drawn from.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+        """logits: [B, V] in any float dtype, one row per entry of `rows`."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+        penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
+        # Penalties write in place: copy then, so the caller's float32 logits stay intact.
+        logits = logits.to(torch.float32, copy=bool(penalised))  # [B, V]
+        for i in penalised:
+            apply_penalties(logits[i], rows[i])
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if len(random_rows) < len(rows):
+            token_ids = logits.max(dim=-1).indices  # [B]; random rows are overwritten below
+        else:
+            token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if random_rows:
+            index = torch.tensor(random_rows, device=logits.device)
+            # Indexing with a tensor copies, so the draw may scale and mask in place.
+            token_ids[index] = _draw(logits[index], [rows[i] for i in random_rows])
+        chosen = token_ids.tolist()
+        return SampleOutput(token_ids=chosen, logprobs=_logprobs(logits, rows, chosen))
+
+
+def apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:
+    """Applies the row's repetition, presence and frequency penalties to its [V] logits, in place.
+
+    Builds the row's history as a tensor each call: cost grows with the sequence,
+    which only rows that ask for penalties pay.
+    """
+    params, device = row.params, row_logits.device
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor([*row.prompt_token_ids, *row.output_token_ids], dtype=torch.long, device=device)
+        seen = seen.unique()
+        values = row_logits[seen]
+        penalty = params.repetition_penalty
+        row_logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0) and len(row.output_token_ids):
+        output = torch.tensor(list(row.output_token_ids), dtype=torch.long, device=device)
+        ids, counts = output.unique(return_counts=True)
+        row_logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Draws a token per non-greedy row from its penalised [b, V] logits; returns [b] ids.
+
+    Overwrites `logits`, which must be the caller's own copy.
+    """
+    temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+    scaled = logits.div_(temperature.unsqueeze(1))  # [b, V]
+    scaled = _filter_top_k_top_p(scaled, rows)
+    min_p = [r.params.min_p for r in rows]
+    if any(min_p):
+        # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); no softmax needed.
+        log_min_p = torch.tensor([math.log(p) if p > 0 else -math.inf for p in min_p], device=logits.device)
+        threshold = scaled.max(dim=-1, keepdim=True).values + log_min_p.unsqueeze(1)
+        scaled.masked_fill_(scaled < threshold, -math.inf)
+    vocab_size = logits.shape[1]
+    # Filled in place: torch.stack of many [V] rows is far slower on CPU.
+    uniforms = torch.empty(len(rows), vocab_size, dtype=torch.float32)  # [b, V]
+    for i, r in enumerate(rows):
+        _fill_uniforms(uniforms[i], r.seed, r.position)
+    # argmax(p / E) with E = -log(U) ~ Exp(1)  <=>  argmax(logit - log(E)).
+    log_exponentials = uniforms.log_().neg_().log_()
+    return scaled.sub_(log_exponentials.to(scaled.device)).max(dim=-1).indices
+
+
+def _filter_top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Sets the [b, V] logits outside each row's top-k / top-p set to -inf, in place.
+
+    A full sort of the vocabulary costs tens of ms per step on CPU, so each row's
+    set is first looked for among its candidates: the tokens at or above its k-th
+    best logit (top-k) or within `_CANDIDATE_LOGIT_RANGE` of its best (top-p). Tied
+    logits are all in or all out, so the set found is the one a full stable sort
+    gives; rows whose set may reach past their candidates get the full sort.
+    Which way a row goes depends on that row alone, so a row gets bit-identical
+    logits whatever else is in its batch.
+    """
+    device, vocab_size = scaled.device, scaled.shape[1]
+    flags = [0 < r.params.top_k < vocab_size or r.params.top_p < 1.0 for r in rows]
+    if not any(flags):
+        return scaled
+    filtered = torch.tensor(flags, device=device)
+    logits = _take(scaled, filtered)  # [f, V]
+    params = [r.params for r, flag in zip(rows, flags) if flag]
+    # top_k 0 (off) or beyond the vocabulary: keep all V.
+    top_k = torch.tensor([min(p.top_k or vocab_size, vocab_size) for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    count = _num_candidates(logits, top_k)  # [f]
+    fast = count <= _MAX_CANDIDATES
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    settled = torch.zeros_like(fast)
+    if fast.any():
+        settled[fast] = _mark_kept(mask, logits, fast, top_k, top_p, count)
+    if not settled.all():
+        _mark_kept(mask, logits, ~settled, top_k, top_p, torch.full_like(count, vocab_size))
+    logits.masked_fill_(~mask, -math.inf)
+    if logits is not scaled:  # a copy of the filtered rows
+        scaled[filtered] = logits
+    return scaled
+
+
+def _take(tensor: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """tensor[which] for a bool row mask, without copying when it selects every row."""
+    return tensor if bool(which.all()) else tensor[which]
+
+
+def _num_candidates(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Per row of [f, V] logits, how many tokens are candidates (see _filter_top_k_top_p)."""
+    vocab_size = logits.shape[1]
+    threshold = logits.amax(dim=-1) - _CANDIDATE_LOGIT_RANGE  # [f]
+    small_k = top_k <= _MAX_CANDIDATES
+    if small_k.any():
+        # Only the k-th value is read, which does not depend on how topk orders ties.
+        values = _take(logits, small_k).topk(int(top_k[small_k].max()), dim=-1).values
+        threshold[small_k] = values.gather(1, (top_k[small_k] - 1).unsqueeze(1)).squeeze(1)
+    count = (logits >= threshold.unsqueeze(1)).count_nonzero(dim=-1)
+    # A top-k beyond the candidate limit needs the full sort.
+    return torch.where((top_k > _MAX_CANDIDATES) & (top_k < vocab_size), vocab_size, count)
+
+
+def _mark_kept(mask: torch.Tensor, logits: torch.Tensor, which: torch.Tensor, top_k: torch.Tensor,
+               top_p: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Marks in the [f, V] `mask` the tokens kept by the rows `which` selects, among
+    their best `count` tokens; returns, for those rows, whether that is final."""
+    rows = _take(logits, which)
+    values, ids = _best_first(rows, int(count[which].max()))
+    keep, settled = _keep_best(values, top_k[which], top_p[which], rows.logsumexp(dim=-1), count[which])
+    mask[which] = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, ids, keep)
+    return settled
+
+
+def _best_first(logits: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `num` largest of each row of [n, V] logits and their ids, best first.
+
+    Ties are ordered by token id, so rank 0 is the greedy token (the first maximum).
+    """
+    if num == logits.shape[1]:
+        # A stable sort of logits in vocabulary order already breaks ties by id.
+        return logits.sort(dim=-1, descending=True, stable=True)
+    values, ids = logits.topk(num, dim=-1)  # [n, num]
+    ids, by_id = ids.sort(dim=-1)
+    values, order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
+
+
+def _keep_best(
+    values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_total: torch.Tensor, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the best-first [n, num] logits each row keeps, and whether that is final.
+
+    Only the first `count` of a row are its candidates. The set is final when it
+    holds the whole top-k, or (top-k off) the candidates' mass reaches top_p.
+    """
+    rank = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
+    keep = (rank < top_k.unsqueeze(1)) & (rank < count.unsqueeze(1))
+    in_top_k = values.masked_fill(~keep, -math.inf)
+    # top_p applies to the distribution renormalised over the top-k set.
+    has_top_k = top_k <= count
+    log_mass = torch.where(has_top_k, in_top_k.logsumexp(dim=-1), log_total)
+    probs = (in_top_k - log_mass.unsqueeze(1)).exp()
+    cumulative = probs.cumsum(dim=-1)
+    # Rank 0 has no mass before it, so at least one token survives; top_p == 1 keeps all
+    # even when rounding pushes the cumulative sum past 1 before the tail.
+    keep &= (cumulative - probs < top_p.unsqueeze(1)) | (top_p.unsqueeze(1) >= 1.0)
+    settled = has_top_k | ((top_p < 1.0) & (cumulative[:, -1] >= top_p))
+    return keep, settled
+
+
+def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) -> list[TokenLogprobs | None]:
+    """Logprobs of the chosen and top-n tokens, for the rows that asked for them."""
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(rows)
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, device=logits.device)
+    logprobs = logits[index].log_softmax(dim=-1)  # [w, V]
+    chosen_ids = torch.tensor([chosen[i] for i in wanted], device=logits.device)
+    chosen_lp = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
+    num_top = max(rows[i].params.logprobs or 0 for i in wanted)
+    top_lp, top_ids = logprobs.topk(num_top, dim=-1)  # [w, num_top] each, best first
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs or 0
+        top = list(zip(top_ids[j][:n], top_lp[j][:n]))
+        result[i] = TokenLogprobs(token_id=chosen[i], logprob=chosen_lp[j], top=top)
+    return result
