@@ -33,9 +33,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage dump."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--local", action="store_true", help="run the engine in this process")
