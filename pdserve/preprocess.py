@@ -3,12 +3,15 @@
 Owned by the prefill daemon, and used unchanged by the decode daemon's local
 path and the CLI, so the same input gives the same tokens everywhere. The
 version string names the behaviour: workers report it, and a cache entry made by
-another version is never used.
+another version is never used. Results are cached by input (LRU with a TTL), so
+a repeated system prompt or conversation is not templated and tokenized again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from pdserve.errors import InvalidRequestError
@@ -26,10 +29,45 @@ class ChatMessage:
     content: str
 
 
+class PreprocessCache:
+    """Token ids by (version, input); least recently used entries go first, stale ones on sight."""
+
+    def __init__(self, max_entries: int = 4096, ttl_s: float = 600.0,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._now = now
+        self._entries: OrderedDict[Hashable, tuple[float, tuple[int, ...]]] = OrderedDict()
+        self.num_hits = 0
+        self.num_misses = 0
+
+    def get(self, key: Hashable) -> list[int] | None:
+        entry = self._entries.get(key)
+        if entry is None or self._now() - entry[0] > self.ttl_s:
+            self._entries.pop(key, None)
+            self.num_misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.num_hits += 1
+        return list(entry[1])
+
+    def put(self, key: Hashable, token_ids: list[int]) -> None:
+        self._entries[key] = (self._now(), tuple(token_ids))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.num_hits + self.num_misses
+        return self.num_hits / total if total else 0.0
+
+
 class Preprocessor:
-    def __init__(self, tokenizer, version: str = PREPROCESS_VERSION) -> None:
+    def __init__(self, tokenizer, version: str = PREPROCESS_VERSION, cache: PreprocessCache | None = None) -> None:
         self.tokenizer = tokenizer
         self.version = version
+        self.cache = cache if cache is not None else PreprocessCache()
 
     def __call__(
         self,
@@ -50,10 +88,16 @@ class Preprocessor:
             if not prompt_token_ids:
                 raise InvalidRequestError("prompt_token_ids", "is empty", request_id=request_id)
             return list(prompt_token_ids)
-        if messages is not None:
-            # The template writes the model's special tokens itself.
-            return self.tokenize(self.apply_chat_template(messages, request_id), request_id, special=False)
-        return self.tokenize(prompt, request_id)
+        key = (self.version, "messages", tuple(messages)) if messages is not None else (self.version, "prompt", prompt)
+        ids = self.cache.get(key)
+        if ids is None:
+            if messages is not None:
+                # The template writes the model's special tokens itself.
+                ids = self.tokenize(self.apply_chat_template(messages, request_id), request_id, special=False)
+            else:
+                ids = self.tokenize(prompt, request_id)
+            self.cache.put(key, ids)
+        return ids
 
     def tokenize(self, prompt: str, request_id: str | None = None, *, special: bool = True) -> list[int]:
         self._check_text("prompt", prompt, request_id)

@@ -1,0 +1,62 @@
+"""Preprocessing: input validation naming the field, chat template, and the versioned cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.errors import InvalidRequestError
+from pdserve.preprocess import MAX_PROMPT_CHARS, ChatMessage, PreprocessCache, Preprocessor
+from tests.factories import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(), "prompt"),
+        (dict(prompt="a", prompt_token_ids=[1]), "prompt"),
+        (dict(prompt_token_ids=[]), "prompt_token_ids"),
+        (dict(prompt="x" * (MAX_PROMPT_CHARS + 1)), "prompt"),
+        (dict(prompt="bad \ud800 surrogate"), "prompt"),
+        (dict(messages=[]), "messages"),
+        (dict(messages=[ChatMessage("robot", "hi")]), "messages[0].role"),
+        (dict(messages=[ChatMessage("user", "ok"), ChatMessage("user", "\udfff")]), "messages[1].content"),
+    ],
+)
+def test_invalid_input_names_the_field(tokenizer, kwargs, field):
+    with pytest.raises(InvalidRequestError) as err:
+        Preprocessor(tokenizer)(**kwargs)
+    assert err.value.field == field
+
+
+def test_chat_template_is_applied_without_double_special_tokens(tokenizer):
+    pre = Preprocessor(tokenizer)
+    ids = pre(messages=[ChatMessage("user", "hello")])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_cache_hits_on_repeat_and_never_across_versions(tokenizer):
+    cache = PreprocessCache()
+    v1, v2 = Preprocessor(tokenizer, "1", cache), Preprocessor(tokenizer, "2", cache)
+    first = v1(prompt="hello there")
+    assert v1(prompt="hello there") == first and cache.num_hits == 1
+    v2(prompt="hello there")
+    assert cache.num_hits == 1 and cache.num_misses == 2
+
+
+def test_cache_entries_expire_and_are_bounded():
+    clock = [0.0]
+    cache = PreprocessCache(max_entries=2, ttl_s=10, now=lambda: clock[0])
+    cache.put("a", [1])
+    cache.put("b", [2])
+    cache.put("c", [3])
+    assert cache.get("a") is None and cache.get("b") == [2]
+    clock[0] = 11.0
+    assert cache.get("b") is None
