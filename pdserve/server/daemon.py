@@ -22,6 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.server.malformed import MalformedRequestInterceptor
+
 log = logging.getLogger("pdserve")
 
 # KV chunks are at most a few MiB; requests may carry long prompts.
@@ -84,8 +86,8 @@ class Daemon:
         self.role = role
         self.listen = listen
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequestInterceptor()])
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
         self.stopping = asyncio.Event()
@@ -112,9 +114,7 @@ class Daemon:
         return self.address
 
     async def _set_health(self, name: str, status) -> None:
-        result = self.health.set(name, status)
-        if asyncio.iscoroutine(result):
-            await result
+        await self.health.set(name, status)
 
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

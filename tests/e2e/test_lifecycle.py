@@ -1,0 +1,105 @@
+"""Daemon lifecycle and edges: static router lists, conditional disaggregation, malformed
+requests, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import pytest
+
+from pdserve.client import Client
+from pdserve.cluster import Child
+from pdserve.errors import InvalidRequestError, PdserveError
+from tests.cluster_helpers import start_worker
+from tests.engine_helpers import random_prompts
+from tests.e2e.test_faults import generate_via
+
+SHORT, LONG = random_prompts([10, 60], seed=4)
+
+
+@pytest.fixture(scope="module")
+def prefill(tiny_dir):
+    child = start_worker("prefill", tiny_dir)
+    yield child
+    child.stop(5)
+
+
+@pytest.fixture(scope="module")
+def decode(tiny_dir):
+    child = start_worker("decode", tiny_dir, "--local-prefill-below", "30")
+    yield child
+    child.stop(5)
+
+
+@pytest.fixture(scope="module")
+def static_router(prefill, decode):
+    import os
+
+    child = Child("router", ["--listen", "127.0.0.1:0", "--heartbeat-s", "0.5", "--prefill-addr", prefill.address,
+                             "--decode-addr", decode.address])
+    child.start(open(os.devnull, "w"))
+    child.wait_ready(60)
+    yield child
+    child.stop(5)
+
+
+def test_router_with_static_worker_lists(static_router):
+    with Client(static_router.address, timeout=60) as client:
+        result = client.complete(prompt_token_ids=LONG, max_tokens=4, temperature=0.0)
+        workers = client.cluster_status()
+    assert result.prefill_mode == "remote" and result.usage.completion_tokens == 4
+    assert sorted(w.role for w in workers) == ["decode", "prefill"]
+
+
+def test_short_prompts_prefill_locally(decode, prefill):
+    _, short = generate_via(decode.address, [prefill.address], prompt=SHORT, max_tokens=3)
+    _, long = generate_via(decode.address, [prefill.address], prompt=LONG, max_tokens=3)
+    assert short.prefill_mode == 2 and long.prefill_mode == 1  # LOCAL, REMOTE
+
+
+def _raw_generate(address: str, payload: bytes):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream("/pdserve.v1.RouterService/Generate",
+                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        return list(call(payload, timeout=10))
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b"\x12\x02\xff\xfe", "prompt"),  # field 2 (prompt), invalid UTF-8
+        (b"\x1a\x08\x0a\x06\x12\x04\xc3\x28ab", "messages.messages.content"),  # messages[0].content
+        (b"\x12\x09abc", "request"),  # truncated
+    ],
+)
+def test_malformed_requests_are_invalid_argument(static_router, payload, field):
+    with pytest.raises(grpc.RpcError) as err:
+        _raw_generate(static_router.address, payload)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field)
+    with Client(static_router.address, timeout=30) as client:
+        assert client.complete(prompt_token_ids=LONG, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_sigterm_drains_running_requests(tiny_dir):
+    worker = start_worker("decode", tiny_dir, "--grace-s", "20")
+    with Client(worker.address, service="decode", timeout=60) as client:
+        stream = client.generate(prompt_token_ids=LONG, max_tokens=300, ignore_eos=True, temperature=0.0)
+        first = next(iter(stream))
+        worker.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(PdserveError):
+            client.complete(prompt_token_ids=SHORT, max_tokens=2)
+        rest = list(stream)
+    assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 300
+    assert stream.result.finish_reason == "length"
+    assert worker.process.wait(30) == 0
+
+
+def test_invalid_field_through_decode_service(decode):
+    with Client(decode.address, service="decode", timeout=30) as client:
+        with pytest.raises(InvalidRequestError) as err:
+            client.complete(prompt_token_ids=SHORT, top_p=2.0)
+    assert err.value.field == "top_p"
