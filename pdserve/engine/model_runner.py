@@ -59,15 +59,18 @@ class ModelRunner:
     def _prepare(self, ordered: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
+        bs = self.kv_cache.block_size
         for s in ordered:
             start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
             token_ids.extend(s.seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.append(self.kv_cache.slots(s.seq.block_table, start, end))
+            table = s.seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         decode = [s.seq for s in ordered if s.num_new_tokens == 1]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slots=torch.cat(slots),
+            slots=as_tensor(slots),
             num_decode=len(decode),
             decode_gather_index=None,
             decode_bias=None,
@@ -75,7 +78,6 @@ class ModelRunner:
         )
         if decode:
             meta.decode_gather_index, meta.decode_bias = self._decode_tables(decode)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(token_ids), as_tensor(positions), meta
 
     def _decode_tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,13 +57,18 @@ class LlamaModel:
         layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:  # [T, hidden]
         spec = self.spec
+        num_qk_heads = spec.num_heads + spec.num_kv_heads
+        cos, sin = self.rotary.lookup(positions)
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-            q, k, v = layer.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self.rotary(q.view(-1, spec.num_heads, spec.head_dim), positions)
-            k = self.rotary(k.view(-1, spec.num_kv_heads, spec.head_dim), positions)
-            kv_cache.write(i, meta.slots, k, v.view(-1, spec.num_kv_heads, spec.head_dim))
+            qkv = layer.qkv(x)  # [T, (H + 2 Hkv) * D]
+            # q and k rotate together: one rope over [T, H + Hkv, D].
+            qk = self.rotary.apply(qkv[:, : self.q_size + self.kv_size].view(-1, num_qk_heads, spec.head_dim),
+                                   cos, sin)
+            q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].view(-1, spec.num_kv_heads, spec.head_dim)
+            kv_cache.write(i, meta.slots, k, v)
             if layer_hook is not None:
                 layer_hook(i)
             h = h + layer.o_proj(paged_attention(q, kv_cache, i, meta, self.scale))
