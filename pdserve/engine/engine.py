@@ -160,6 +160,7 @@ class LLMEngine:
                     s.seq.first_scheduled_time = now
             exports = [s for s in sched.scheduled if s.seq.export_kv] if self.kv_export_sink else []
             if exports:
+                self._export_cached_prefix(exports)
                 layer_hook = self._export_hook(exports, layer_hook)
             sampled, samples = self.runner.execute(sched.scheduled, layer_hook)
             for s in sched.scheduled:
@@ -177,12 +178,22 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         return outputs
 
+    def _export_cached_prefix(self, exports: list[ScheduledSeq]) -> None:
+        """Hand out KV already in the cache (a prefix hit) at once, before the step computes the rest."""
+        for s in exports:
+            start, end = s.seq.num_exported_tokens, s.seq.num_computed_tokens
+            if start >= end:
+                continue
+            for layer in range(self.spec.num_layers):
+                k, v = self.kv_cache.read(layer, s.seq.block_table, start, end)
+                self.kv_export_sink(s.seq.request_id, layer, start, k, v)
+            s.seq.num_exported_tokens = end
+
     def _export_hook(self, exports: list[ScheduledSeq], inner: LayerHook | None) -> LayerHook:
         sink = self.kv_export_sink
 
         def hook(layer: int) -> None:
             for s in exports:
-                # From the last exported token: includes a prefix served by the cache.
                 start, end = s.seq.num_exported_tokens, s.seq.num_computed_tokens + s.num_new_tokens
                 if start >= end:
                     continue

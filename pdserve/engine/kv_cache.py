@@ -70,7 +70,9 @@ class KVCache:
 
     def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [start, end) as [T, Hkv, D] (contiguous copies), for export."""
-        slots = self.slots(block_table, start, end)
-        k = self.k[layer].index_select(1, slots).transpose(0, 1).contiguous()
-        v = self.v[layer].index_select(1, slots).transpose(0, 1).contiguous()
-        return k, v
+        bs = self.block_size
+        first, last = start // bs, -(-end // bs)
+        table = torch.tensor(block_table[first:last], dtype=torch.long, device=self.k[0].device)
+        k, v = self.gather(layer, self.gather_index(table), 1)  # [Hkv, blocks * bs, D], dim-0 gathers
+        lo, hi = start - first * bs, end - first * bs
+        return k[:, lo:hi].transpose(0, 1).contiguous(), v[:, lo:hi].transpose(0, 1).contiguous()

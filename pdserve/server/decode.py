@@ -31,7 +31,7 @@ import grpc
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import CapacityError, FatalError, IncompatibleError, KVTransferError, PdserveError
+from pdserve.errors import CapacityError, IncompatibleError, KVTransferError, PdserveError
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.server import daemon, wire
@@ -150,10 +150,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         call = self._stub(address).Prefill(request, timeout=remaining)
         receiver = KVReceiver(rid, None, w.fingerprint, w.geometry, w.engine.dtype)
         stream = call.__aiter__()
-        t0 = time.monotonic()
         writes = []
         try:
             header = await asyncio.wait_for(stream.__anext__(), stall)
+            header_at = time.monotonic()
             prompt = receiver.on_header(_header_data(header))
             await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
             while True:
@@ -169,7 +169,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     for f in writes:
                         await asyncio.wrap_future(f)
                     attempt.kv_bytes = receiver.header.num_kv_bytes
-                    attempt.kv_transfer_ms = (time.monotonic() - t0) * 1e3
+                    attempt.kv_transfer_ms = (time.monotonic() - header_at) * 1e3
                     attempt.prefill_ms = msg.first_token.timings.prefill_ms
                     token = msg.first_token.token_id
                     await asyncio.wrap_future(w.loop.call(lambda e: self._complete(e, rid, token, sink)))

@@ -81,7 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 item = await queue.get()
                 if isinstance(item, KVChunkData):
                     await self.faults.on_chunk(item.sequence_number)
-                    yield prefill_pb2.PrefillResponse(chunk=_chunk_pb(item))
+                    yield _chunk_response(item)
                     continue
                 finished = item.finished
                 if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
@@ -117,9 +117,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return first
 
 
-def _chunk_pb(c: KVChunkData) -> prefill_pb2.KVChunk:
-    return prefill_pb2.KVChunk(request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
-                               token_start=c.token_start, token_end=c.token_end, k_bytes=c.k, v_bytes=c.v)
+def _chunk_response(c: KVChunkData) -> prefill_pb2.PrefillResponse:
+    # Built from a dict: one message construction instead of building a KVChunk and copying it in.
+    return prefill_pb2.PrefillResponse(chunk=dict(
+        request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
+        token_start=c.token_start, token_end=c.token_end, k_bytes=c.k, v_bytes=c.v))
 
 
 def build_parser() -> argparse.ArgumentParser:
