@@ -3,7 +3,7 @@
 GQA is folded into the query dimension (the G query heads sharing a KV head
 become G rows of one matrix product), and K/V are gathered block-wise into the
 head-major [Hkv * B, L, D] layout; on CPU this beats SDPA with one query row per
-head several times over (see PERF-NOTES). Scores and softmax run in fp32.
+head several times over (see PERF-NOTES). Scores stay in the model's dtype; softmax accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _decode(q: torch.Tensor, kv_cache: KVCache, layer: int, meta: AttentionMetad
     k, v = kv_cache.gather(layer, meta.decode_gather_index, batch)  # [Hkv * B, L, D]
     qf = q.view(batch, hkv, group, head_dim).transpose(0, 1).reshape(hkv * batch, group, head_dim)
     scores = torch.baddbmm(meta.decode_bias, qf, k.transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [Hkv * B, G, L]
+    probs = torch.softmax(scores, dim=-1)  # [Hkv * B, G, L]; CPU softmax accumulates in fp32
     out = torch.bmm(probs, v)  # [Hkv * B, G, D]
     return out.view(hkv, batch, group, head_dim).transpose(0, 1).reshape(batch, num_heads * head_dim)
 
@@ -92,7 +92,7 @@ def _prefill(q: torch.Tensor, kv_cache: KVCache, layer: int, span: PrefillSpan, 
         bias = bias.repeat_interleave(group, dim=0)  # rows are (token, group) pairs
         qc = qf[:, first * group : last * group]
         scores = torch.baddbmm(bias.to(q.dtype), qc, k[:, :num_keys].transpose(1, 2), alpha=scale)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1)
         out[:, first * group : last * group] = torch.bmm(probs, v[:, :num_keys])
     # [Hkv, rows * G, D] -> [rows, H * D]
     return out.view(hkv, num_rows, group, head_dim).transpose(0, 1).reshape(num_rows, num_heads * head_dim)

@@ -34,6 +34,10 @@ class KVCache:
         # Zeroed, not empty: padding slots are read (then masked) and must not hold NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Reused gather outputs: copying into warm memory is several times faster than
+        # into freshly allocated pages. Grown on demand; valid until the next gather.
+        self._gather_k = torch.empty(0, block_size, head_dim, dtype=dtype, device=device)
+        self._gather_v = torch.empty(0, block_size, head_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -54,10 +58,20 @@ class KVCache:
         return (heads.view(-1, 1, 1) + block_tables.unsqueeze(0)).reshape(-1)
 
     def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of a batch's blocks as [Hkv * B, max_blocks * block_size, D]."""
+        """K and V of a batch's blocks as [Hkv * B, max_blocks * block_size, D].
+
+        The result is a view of a buffer that the next gather overwrites.
+        """
         rows = (self.num_kv_heads * self.num_blocks, self.block_size, self.head_dim)
-        k = self.k[layer].view(rows).index_select(0, index)
-        v = self.v[layer].view(rows).index_select(0, index)
+        n = index.numel()
+        if self._gather_k.shape[0] < n:
+            # A normal tensor even when first needed inside inference mode: exports write it outside.
+            with torch.inference_mode(False):
+                self._gather_k = torch.empty(n, self.block_size, self.head_dim, dtype=self.dtype,
+                                             device=index.device)
+                self._gather_v = torch.empty_like(self._gather_k)
+        k = torch.index_select(self.k[layer].view(rows), 0, index, out=self._gather_k[:n])
+        v = torch.index_select(self.v[layer].view(rows), 0, index, out=self._gather_v[:n])
         shape = (self.num_kv_heads * batch, -1, self.head_dim)
         return k.view(shape), v.view(shape)
 

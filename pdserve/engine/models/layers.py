@@ -36,8 +36,11 @@ class Linear:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same order of operations as transformers' Llama RMSNorm: normalize in fp32,
-    # cast back, then scale, so fp32 and bf16 results match the reference.
+    if x.dtype != torch.float32:
+        # One fused kernel (fp32 accumulation) instead of two dtype copies and five ops.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # fp32: the same order of operations as transformers' Llama RMSNorm, so greedy
+    # output matches the reference token for token.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

@@ -1,0 +1,570 @@
+"""Engine throughput against its GEMM floor and against transformers, SmolLM2-135M in bf16.
+
+Usage: python bench/engine.py [--rows decode:64:256,prefill:2048] [--rounds N] [--steps N]
+                              [--threads N] [--skip-hf] [--profile]
+
+Prints one JSON object per row on stdout (diagnostics go to stderr):
+    {"kind", "batch", "context", "tokens_per_s", "floor_tokens_per_s", "hf_tokens_per_s",
+     "ratio_floor", "ratio_hf"}
+The three throughputs of a row are measured in this one process, interleaved: each
+round times the engine, the floor and transformers once each (the order rotating
+between rounds), and every column is the median over the rounds. These VMs drift
+10-15% between processes, so only ratios measured side by side mean anything.
+Other processes on 2 cores slow OpenMP kernels by up to 50x, so each round first
+waits (up to 2 minutes, sleeping) until other processes use at most 10% of the CPUs
+(read from /proc/stat), and a round during which they took more is discarded and
+repeated. stderr shows every round and how much CPU other processes used per row.
+
+Columns
+- kind, batch, context: "decode" rows run `batch` sequences whose first `context`
+  tokens are in the KV cache; "prefill" rows compute one prompt of `context` tokens
+  (batch 1).
+- tokens_per_s (pdserve's LLMEngine, greedy, ignore_eos, block size 16):
+  decode: the batch's prompts are prefilled once, untimed (one step, so no
+  sequence decodes early). Each round re-admits the same prompts, which then hit the
+  prefix cache: an untimed step recomputes each prompt's last partial block and
+  samples its first token, then `--steps` calls of `engine.step()`, every one
+  decoding all `batch` sequences (checked), are timed. tokens_per_s =
+  batch * steps / time. The attended context runs from context + 1 to
+  context + steps. The KV pool (CacheConfig.num_blocks) holds the batch at
+  context + steps, plus room for one round's new blocks beside the cached prompts.
+  prefill: prefix cache off, max_num_batched_tokens = context; a fresh prompt
+  each round; the one `engine.step()` that computes the prompt and samples its
+  token is timed. tokens_per_s = context / time.
+- floor_tokens_per_s: the model's weight GEMMs alone, in a bare loop: for each of the
+  30 layers the fused qkv, o_proj, fused gate_up and down projections, then the LM
+  head, all through oneDNN with prepacked bf16 weights
+  (`torch.ops.mkldnn._reorder_linear_weight(W, rows)` then
+  `torch.ops.mkldnn._linear_pointwise`), on random bf16 inputs. Decode: `batch`
+  rows for every GEMM, one pass per step, timed over `--steps` passes;
+  floor_tokens_per_s = batch / (time per pass). Prefill: `context` rows for the
+  layers and 1 row for the LM head (a prefill needs only its last token's logits,
+  as the engine and transformers compute it); floor_tokens_per_s = context / time.
+  No engine can beat it: it omits attention, norms, rotary, sampling and Python.
+- hf_tokens_per_s: transformers `generate` (greedy, sdpa attention, DynamicCache,
+  under torch.inference_mode) on the same bf16 weights, a static batch of `batch`
+  unpadded sequences. Decode: the DynamicCache is built once, untimed, from the
+  engine's KV of the first context - 1 prompt tokens (same model, same values; the
+  first tokens of both are compared and the agreement printed to stderr). Each
+  round calls generate(prompt, cache, max_new_tokens = n + 1) and crops the cache
+  back afterwards; a LogitsProcessor stamps the time at every step, and the decode
+  time is the last stamp minus the first, which spans n whole decode iterations
+  (forward, logits processing, greedy pick, cache growth) and no prefill.
+  hf_tokens_per_s = batch * n / time. n = --steps up to batch * context = 8192, then
+  scaled down in proportion (at least 4): transformers is slow there.
+  Prefill: the wall time of generate(prompt, max_new_tokens=1) with an empty cache;
+  hf_tokens_per_s = context / time.
+- ratio_floor = tokens_per_s / floor_tokens_per_s; ratio_hf = tokens_per_s / hf_tokens_per_s
+  (null with --skip-hf).
+
+--profile runs torch.profiler (CPU, record_shapes) over the engine's timed work of
+each selected row (decode: --steps steps; prefill: one step) and prints the top ops
+by self CPU time, overall and by input shape, instead of the JSON rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.model_loader import LoadedModel, load_model
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import Sequence
+
+DEFAULT_ROWS = (
+    "decode:1:256,decode:8:256,decode:32:256,decode:64:256,"
+    "decode:1:1024,decode:8:1024,decode:32:1024,decode:64:1024,"
+    "prefill:512,prefill:2048"
+)
+BLOCK_SIZE = 16
+WARMUP_STEPS = 2
+# transformers decodes fewer steps per round above this many cached tokens per batch (it is slow there).
+HF_FULL_STEPS_TOKENS = 8192
+HF_MIN_STEPS = 4
+# Rounds during which other processes took more of the CPUs than this are repeated.
+MAX_OTHER_LOAD = 0.10
+# Before each round, wait up to QUIET_MAX_WAIT_S for a QUIET_WINDOW_S window that quiet.
+QUIET_WINDOW_S = 1.0
+QUIET_MAX_WAIT_S = 120.0
+FIRST_TOKEN_ID = 3  # prompts avoid the special tokens 0-2
+
+# One timed measurement: (tokens produced, seconds).
+Measurement = Callable[[], tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str  # "decode" | "prefill"
+    batch: int
+    context: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.batch}:{self.context}" if self.kind == "decode" else f"prefill:{self.context}"
+
+
+def parse_rows(text: str) -> list[Row]:
+    rows = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        if fields[0] == "decode" and len(fields) == 3:
+            rows.append(Row("decode", int(fields[1]), int(fields[2])))
+        elif fields[0] == "prefill" and len(fields) == 2:
+            rows.append(Row("prefill", 1, int(fields[1])))
+        else:
+            raise SystemExit(f"bad row {item!r}: expected decode:BATCH:CONTEXT or prefill:CONTEXT")
+    return rows
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_TOKEN_ID, vocab_size, (num, length), generator=generator).tolist()
+
+
+def interleave(measurements: dict[str, Measurement], rounds: int) -> dict[str, float]:
+    """Median tokens/s of each measurement over `rounds` rounds, run alternately.
+
+    Each round starts once the machine is quiet (see wait_until_quiet); a round
+    during which other processes still took more than MAX_OTHER_LOAD of the CPUs is
+    discarded and repeated, up to `rounds` extra attempts.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in measurements}
+    names = list(measurements)
+    max_attempts, attempts = 2 * rounds, 0
+    while len(samples[names[0]]) < rounds:
+        wait_until_quiet()
+        shift = attempts % len(names)
+        other_load = OtherLoad()
+        rates = {}
+        for name in names[shift:] + names[:shift]:
+            tokens, seconds = measurements[name]()
+            rates[name] = tokens / seconds
+        attempts += 1
+        share = other_load.share()
+        if share > MAX_OTHER_LOAD:
+            if max_attempts - attempts >= rounds - len(samples[names[0]]):
+                log(f"  round discarded: other processes used {share:.0%} of the CPUs")
+                continue
+            log(f"  round kept although other processes used {share:.0%} of the CPUs (no attempts left)")
+        for name, rate in rates.items():
+            samples[name].append(rate)
+    for name, values in samples.items():
+        spread = (max(values) - min(values)) / statistics.median(values)
+        log(f"  {name:7s} tok/s per round: {', '.join(f'{v:.1f}' for v in values)} (spread {spread:.0%})")
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def wait_until_quiet(max_seconds: float = QUIET_MAX_WAIT_S) -> None:
+    """Sleep (using no CPU) until other processes leave the CPUs alone, at most max_seconds."""
+    deadline = time.perf_counter() + max_seconds
+    waited = False
+    while True:
+        other_load = OtherLoad()
+        time.sleep(QUIET_WINDOW_S)
+        share = other_load.share()
+        if share <= MAX_OTHER_LOAD or time.perf_counter() > deadline:
+            break
+        if not waited:
+            log(f"  waiting for other processes to leave the CPUs ({share:.0%} busy)")
+            waited = True
+    if waited:
+        log(f"  {'quiet' if share <= MAX_OTHER_LOAD else 'still busy, going on'}")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class OtherLoad:
+    """Share of the machine's CPU time that other processes used since creation (Linux).
+
+    Other processes on these 2-core VMs slow OpenMP kernels far more than their share
+    suggests (threads wait at barriers for a descheduled peer): a row measured while
+    this is above a few percent is noisy.
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
+
+    def share(self) -> float:
+        wall = time.perf_counter() - self.wall
+        others = (_busy_cpu_seconds() - self.busy) - (_own_cpu_seconds() - self.own)
+        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
+def _busy_cpu_seconds() -> float:
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return 0.0
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+# -- pdserve ---------------------------------------------------------------------
+
+
+class EngineDecode:
+    """`batch` sequences with `context` tokens in the KV cache; times `steps` decode steps."""
+
+    def __init__(self, loaded: LoadedModel, row: Row, steps: int, seed: int) -> None:
+        self.batch, self.context, self.steps = row.batch, row.context, steps
+        blocks_per_seq = -(-(row.context + steps + WARMUP_STEPS + 1) // BLOCK_SIZE)
+        # A round allocates blocks for its recomputed last prompt block and its decode
+        # steps while the other sequences' cached prompt blocks sit in the free queue.
+        blocks_per_round = -(-(BLOCK_SIZE + steps + WARMUP_STEPS + 1) // BLOCK_SIZE) + 1
+        config = EngineConfig(
+            cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=row.batch * (blocks_per_seq + 2 * blocks_per_round)),
+            scheduler=SchedulerConfig(max_num_batched_tokens=row.batch * row.context, max_num_seqs=row.batch),
+        )
+        self.engine = LLMEngine(config, loaded)
+        self.prompts = random_prompts(row.batch, row.context, loaded.spec.vocab_size, seed)
+        self.params = SamplingParams(max_tokens=steps + WARMUP_STEPS + 2, temperature=0.0, ignore_eos=True)
+        self.num_admissions = 0
+
+    def start(self) -> list[Sequence]:
+        """Admit the batch and step (untimed) until every sequence has sampled its first token."""
+        seqs = [
+            self.engine.add_request(f"a{self.num_admissions}-{i}", prompt, self.params)
+            for i, prompt in enumerate(self.prompts)
+        ]
+        self.num_admissions += 1
+        while any(seq.num_output_tokens == 0 for seq in seqs):
+            self.engine.step()
+        return seqs
+
+    def decode(self, seqs: list[Sequence], steps: int) -> float:
+        """Seconds for `steps` engine steps, each of which must decode every sequence."""
+        before = [seq.num_output_tokens for seq in seqs]
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.engine.step()
+        elapsed = time.perf_counter() - start
+        if any(seq.num_output_tokens - n != steps for seq, n in zip(seqs, before)):
+            raise RuntimeError("a timed step did not decode every sequence of the batch")
+        return elapsed
+
+    def stop(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.engine.abort_request(seq.request_id)
+        self.engine.step_outputs()
+
+    def warm_up(self, export_kv: bool) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Prefill the prompts (filling the prefix cache) and run a few steps.
+
+        Returns each sequence's first token and, when asked, the KV of the first
+        context - 1 prompt tokens per layer as [B, Hkv, T, D] (transformers' layout).
+        """
+        seqs = self.start()
+        first_tokens = [seq.output_token_ids[0] for seq in seqs]
+        kv = self._export_kv(seqs) if export_kv else None
+        self.decode(seqs, WARMUP_STEPS)
+        self.stop(seqs)
+        return first_tokens, kv
+
+    def _export_kv(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        kv = []
+        for layer in range(self.engine.spec.num_layers):
+            pairs = [self.engine.read_kv(seq.request_id, layer, 0, self.context - 1) for seq in seqs]
+            k = torch.stack([p[0] for p in pairs]).transpose(1, 2).contiguous()  # [B, Hkv, T, D]
+            v = torch.stack([p[1] for p in pairs]).transpose(1, 2).contiguous()
+            kv.append((k, v))
+        return kv
+
+    def __call__(self) -> tuple[int, float]:
+        seqs = self.start()
+        elapsed = self.decode(seqs, self.steps)
+        self.stop(seqs)
+        return self.batch * self.steps, elapsed
+
+
+class EnginePrefill:
+    """One prompt of `context` tokens computed in one step; prefix cache off."""
+
+    def __init__(self, loaded: LoadedModel, row: Row, seed: int) -> None:
+        self.context = row.context
+        config = EngineConfig(
+            cache=CacheConfig(
+                block_size=BLOCK_SIZE, num_blocks=-(-(row.context + 1) // BLOCK_SIZE) + 1,
+                enable_prefix_caching=False,
+            ),
+            scheduler=SchedulerConfig(max_num_batched_tokens=row.context, max_num_seqs=1),
+        )
+        self.engine = LLMEngine(config, loaded)
+        self.vocab_size = loaded.spec.vocab_size
+        self.seed = seed
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        self.num_calls = 0
+
+    def __call__(self) -> tuple[int, float]:
+        prompt = random_prompts(1, self.context, self.vocab_size, self.seed + self.num_calls)[0]
+        self.engine.add_request(f"p{self.num_calls}", prompt, self.params)
+        self.num_calls += 1
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed = time.perf_counter() - start
+        if not (len(outputs) == 1 and outputs[0].finished and len(outputs[0].token_ids) == 1):
+            raise RuntimeError("the prefill step did not compute the whole prompt")
+        return self.context, elapsed
+
+
+# -- the GEMM floor ----------------------------------------------------------------
+
+
+class GemmFloor:
+    """The weight GEMMs of one forward pass through oneDNN with prepacked bf16 weights."""
+
+    def __init__(self, loaded: LoadedModel, num_rows: int, num_head_rows: int, passes: int) -> None:
+        w, spec = loaded.weights, loaded.spec
+        self.num_rows, self.passes = num_rows, passes
+        self.layers = []
+        for i in range(spec.num_layers):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            self.layers.append((
+                self._pack(torch.cat([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]), num_rows),
+                self._pack(w[f"{attn}.o_proj.weight"], num_rows),
+                self._pack(torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]]), num_rows),
+                self._pack(w[f"{mlp}.down_proj.weight"], num_rows),
+            ))
+        head = w["model.embed_tokens.weight"] if spec.tie_word_embeddings else w["lm_head.weight"]
+        self.head = self._pack(head, num_head_rows)
+        dtype = head.dtype
+        self.x_hidden = torch.randn(num_rows, spec.hidden_size, dtype=dtype)  # [rows, hidden]
+        self.x_attn = torch.randn(num_rows, spec.num_heads * spec.head_dim, dtype=dtype)  # [rows, H * D]
+        self.x_mlp = torch.randn(num_rows, spec.intermediate_size, dtype=dtype)  # [rows, I]
+        self.x_head = torch.randn(num_head_rows, spec.hidden_size, dtype=dtype)  # [head rows, hidden]
+
+    @staticmethod
+    def _pack(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), num_rows)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    @torch.inference_mode()
+    def one_pass(self) -> None:
+        for qkv, o_proj, gate_up, down in self.layers:
+            self._linear(self.x_hidden, qkv)
+            self._linear(self.x_attn, o_proj)
+            self._linear(self.x_hidden, gate_up)
+            self._linear(self.x_mlp, down)
+        self._linear(self.x_head, self.head)
+
+    def __call__(self) -> tuple[int, float]:
+        start = time.perf_counter()
+        for _ in range(self.passes):
+            self.one_pass()
+        return self.num_rows * self.passes, time.perf_counter() - start
+
+
+# -- transformers ------------------------------------------------------------------
+
+
+def build_hf_model(loaded: LoadedModel) -> torch.nn.Module:
+    """transformers' model holding our loaded weights (shared, not copied)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_config(loaded.hf_config, dtype=torch.bfloat16)
+    state = dict(loaded.weights)
+    if loaded.spec.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+class _StepStamps:
+    """A LogitsProcessor that records the time at every generation step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class HFDecode:
+    """transformers generate continuing from a prefilled DynamicCache; times `steps` decode steps."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]],
+                 kv: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.steps = model, steps
+        self.input_ids = torch.tensor(prompts)  # [B, context]
+        self.cache = DynamicCache(config=model.config)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.update(k, v, layer)
+        self.cached_len = self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def generate(self, steps: int) -> tuple[torch.Tensor, list[float]]:
+        from transformers import LogitsProcessorList
+
+        stamps = _StepStamps()
+        out = self.model.generate(
+            self.input_ids, attention_mask=torch.ones_like(self.input_ids), cache=self.cache,
+            max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+            logits_processor=LogitsProcessorList([stamps]), pad_token_id=0,
+        )
+        self.cache.crop(-(steps + 1))
+        if self.cache.get_seq_length() != self.cached_len or len(stamps.times) != steps + 1:
+            raise RuntimeError("transformers generate did not run the expected steps")
+        return out, stamps.times
+
+    def __call__(self) -> tuple[int, float]:
+        _, times = self.generate(self.steps)
+        return self.input_ids.shape[0] * self.steps, times[-1] - times[0]
+
+
+class HFPrefill:
+    """transformers generate of one token from a `context`-token prompt, empty cache."""
+
+    def __init__(self, model: torch.nn.Module, row: Row, vocab_size: int, seed: int) -> None:
+        self.model = model
+        self.input_ids = torch.tensor(random_prompts(1, row.context, vocab_size, seed))  # [1, context]
+
+    @torch.inference_mode()
+    def __call__(self) -> tuple[int, float]:
+        start = time.perf_counter()
+        self.model.generate(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                            max_new_tokens=1, do_sample=False, pad_token_id=0)
+        return self.input_ids.shape[1], time.perf_counter() - start
+
+
+def hf_decode_steps(row: Row, steps: int) -> int:
+    scaled = steps * HF_FULL_STEPS_TOKENS // (row.batch * row.context)
+    return min(steps, max(HF_MIN_STEPS, scaled))
+
+
+# -- rows --------------------------------------------------------------------------
+
+
+def decode_measurements(row: Row, loaded: LoadedModel, hf: torch.nn.Module | None,
+                        steps: int, seed: int) -> dict[str, Measurement]:
+    engine = EngineDecode(loaded, row, steps, seed)
+    start = time.perf_counter()
+    first_tokens, kv = engine.warm_up(export_kv=hf is not None)
+    log(f"  engine prefill of {row.batch} x {row.context} tokens + warm-up: {time.perf_counter() - start:.1f} s")
+    floor = GemmFloor(loaded, row.batch, row.batch, steps)
+    floor.one_pass()
+    measurements: dict[str, Measurement] = {"engine": engine, "floor": floor}
+    if hf is not None:
+        hf_decode = HFDecode(hf, engine.prompts, kv, hf_decode_steps(row, steps))
+        del kv
+        out, _ = hf_decode.generate(WARMUP_STEPS)
+        agree = sum(int(a == b) for a, b in zip(out[:, row.context].tolist(), first_tokens))
+        log(f"  first token, transformers vs engine: {agree}/{row.batch} agree; "
+            f"transformers decodes {hf_decode.steps} steps per round")
+        measurements["hf"] = hf_decode
+    return measurements
+
+
+def prefill_measurements(row: Row, loaded: LoadedModel, hf: torch.nn.Module | None,
+                         seed: int) -> dict[str, Measurement]:
+    engine = EnginePrefill(loaded, row, seed)
+    engine()  # warm-up
+    floor = GemmFloor(loaded, row.context, 1, 1)
+    floor.one_pass()
+    measurements: dict[str, Measurement] = {"engine": engine, "floor": floor}
+    if hf is not None:
+        measurements["hf"] = HFPrefill(hf, row, loaded.spec.vocab_size, seed)
+        measurements["hf"]()  # warm-up
+    return measurements
+
+
+def run_row(row: Row, loaded: LoadedModel, hf: torch.nn.Module | None, args: argparse.Namespace,
+            seed: int) -> dict[str, object]:
+    log(row.name)
+    other_load, started = OtherLoad(), time.perf_counter()
+    if row.kind == "decode":
+        measurements = decode_measurements(row, loaded, hf, args.steps, seed)
+    else:
+        measurements = prefill_measurements(row, loaded, hf, seed)
+    rates = interleave(measurements, args.rounds)
+    del measurements
+    gc.collect()
+    log(f"  {time.perf_counter() - started:.0f} s; other processes used {other_load.share():.0%} of the CPUs")
+    engine, floor, hf_rate = rates["engine"], rates["floor"], rates.get("hf")
+    return {
+        "kind": row.kind, "batch": row.batch, "context": row.context,
+        "tokens_per_s": round(engine, 1),
+        "floor_tokens_per_s": round(floor, 1),
+        "hf_tokens_per_s": None if hf_rate is None else round(hf_rate, 1),
+        "ratio_floor": round(engine / floor, 3),
+        "ratio_hf": None if hf_rate is None else round(engine / hf_rate, 3),
+    }
+
+
+def profile_row(row: Row, loaded: LoadedModel, steps: int, seed: int) -> None:
+    """Print the top ops by self CPU time of the engine's timed work on `row`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if row.kind == "decode":
+        engine = EngineDecode(loaded, row, steps, seed)
+        engine.warm_up(export_kv=False)
+        seqs = engine.start()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            elapsed = engine.decode(seqs, steps)
+        engine.stop(seqs)
+        what = f"{steps} engine decode steps, {elapsed / steps * 1e3:.1f} ms per step"
+    else:
+        prefill = EnginePrefill(loaded, row, seed)
+        prefill()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            _, elapsed = prefill()
+        what = f"one engine prefill step, {elapsed * 1e3:.1f} ms"
+    print(f"== {row.name}: {what} (under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="decode:BATCH:CONTEXT and prefill:CONTEXT, comma-separated")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row; columns are medians")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
+    parser.add_argument("--profile", action="store_true", help="profile the engine's timed work instead")
+    args = parser.parse_args()
+    rows = parse_rows(args.rows)
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        raise SystemExit("--rounds, --steps and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    started, other_load = time.perf_counter(), OtherLoad()
+    loaded = load_model(dtype="bfloat16")
+    if args.profile:
+        for i, row in enumerate(rows):
+            profile_row(row, loaded, args.steps, seed=1000 * i)
+        return
+    hf = None if args.skip_hf else build_hf_model(loaded)
+    log(f"threads {args.threads}, rounds {args.rounds}, steps {args.steps}, torch {torch.__version__}")
+    for i, row in enumerate(rows):
+        print(json.dumps(run_row(row, loaded, hf, args, seed=1000 * i)), flush=True)
+    log(f"total {time.perf_counter() - started:.0f} s; other processes used {other_load.share():.0%} of the CPUs")
+
+
+if __name__ == "__main__":
+    main()
