@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pdserve.errors import CapacityError, IncompatibleError, KVTransferError, Pd
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.server import daemon, wire
-from pdserve.server.worker import RouterLink, Worker, add_worker_args, engine_config
+from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -242,27 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
-    daemon.apply_process_settings(args.threads, args.cpus)
-    worker = Worker(common_pb2.WORKER_ROLE_DECODE, LLMEngine(engine_config(args)), args.worker_id)
-    options = DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below)
-    d = daemon.Daemon("decode", args.listen, args.grace_s)
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker, options), d.server)
-    address = await d.start([decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name])
-    if args.router:
-        link = RouterLink(worker, args.router, address, args.heartbeat_s)
-        link.start()
-        d.on_drain(link.drain)
-    try:
-        await d.run_until_signal()
-    finally:
-        worker.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    daemon.setup_logging(f"decode[{os.getpid()}]")
-    daemon.run(lambda: serve(args))
+    run_worker(args, common_pb2.WORKER_ROLE_DECODE, decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
+               lambda worker, server: decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker, DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below)), server))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import time
 import uuid
 
@@ -30,7 +29,7 @@ from pdserve.kv_transfer.protocol import WIRE_VERSION
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
 from pdserve.server import daemon, wire
 from pdserve.server.faults import FaultInjector
-from pdserve.server.worker import RouterLink, Worker, add_worker_args, engine_config
+from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
@@ -130,26 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
-    daemon.apply_process_settings(args.threads, args.cpus)
-    worker = Worker(common_pb2.WORKER_ROLE_PREFILL, LLMEngine(engine_config(args)), args.worker_id)
-    d = daemon.Daemon("prefill", args.listen, args.grace_s)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker), d.server)
-    address = await d.start([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
-    if args.router:
-        link = RouterLink(worker, args.router, address, args.heartbeat_s)
-        link.start()
-        d.on_drain(link.drain)
-    try:
-        await d.run_until_signal()
-    finally:
-        worker.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    daemon.setup_logging(f"prefill[{os.getpid()}]")
-    daemon.run(lambda: serve(args))
+    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name,
+               lambda worker, server: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker), server))
 
 
 if __name__ == "__main__":

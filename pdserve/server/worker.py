@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +25,7 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.preprocess import Preprocessor
 from pdserve.server import wire
+from pdserve.server import daemon
 from pdserve.server.daemon import channel
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -141,3 +144,27 @@ class RouterLink:
                 registered = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+
+def run_worker(args: argparse.Namespace, role: int, service_name: str,
+               add_servicer: Callable[[Worker, object], None]) -> None:
+    """A worker daemon's main: logging, process settings, engine, server, router link, drain."""
+    name = "prefill" if role == common_pb2.WORKER_ROLE_PREFILL else "decode"
+    daemon.setup_logging(f"{name}[{os.getpid()}]")
+
+    async def serve() -> None:
+        daemon.apply_process_settings(args.threads, args.cpus)
+        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id)
+        d = daemon.Daemon(name, args.listen, args.grace_s)
+        add_servicer(worker, d.server)
+        address = await d.start([service_name])
+        if args.router:
+            link = RouterLink(worker, args.router, address, args.heartbeat_s)
+            link.start()
+            d.on_drain(link.drain)
+        try:
+            await d.run_until_signal()
+        finally:
+            worker.close()
+
+    daemon.run(serve)

@@ -10,7 +10,7 @@ import pytest
 from pdserve.client import AsyncClient, Client
 from pdserve.cluster import ClusterSpec, LocalCluster
 from pdserve.errors import CapacityError, InvalidRequestError, PdserveError
-from tests.cluster_helpers import E2E_LOG, kv_used, wait_kv_free
+from tests.cluster_helpers import E2E_LOG, wait_kv_free
 from tests.engine_helpers import hf_greedy, random_prompts
 
 NUM_REQUESTS = 32
