@@ -8,7 +8,7 @@ head several times over (see PERF-NOTES). Scores stay in the model's dtype; soft
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class PrefillSpan:
     num_rows: int
     start_pos: int  # position of the first row in its sequence
     gather_index: torch.Tensor  # KVCache.gather_index of its block table, [Hkv * num_blocks]
+    # Causal bias of each query chunk, built by the first layer and reused by the others.
+    biases: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -82,17 +84,27 @@ def _prefill(q: torch.Tensor, kv_cache: KVCache, layer: int, span: PrefillSpan, 
     k, v = kv_cache.gather(layer, span.gather_index, 1)  # [Hkv, L, D]
     qf = _fold(q, hkv)  # [Hkv, rows * G, D]
     out = torch.empty_like(qf)
-    for first in range(0, num_rows, PREFILL_QUERY_CHUNK):
+    if not span.biases:
+        span.biases = _causal_biases(span, num_rows, group, q.dtype, q.device)
+    for chunk, first in enumerate(range(0, num_rows, PREFILL_QUERY_CHUNK)):
         last = min(first + PREFILL_QUERY_CHUNK, num_rows)
         num_keys = span.start_pos + last
-        query_pos = torch.arange(span.start_pos + first, span.start_pos + last, device=q.device)
-        key_pos = torch.arange(num_keys, device=q.device)
-        bias = torch.zeros(last - first, num_keys, dtype=torch.float32, device=q.device)
-        bias.masked_fill_(key_pos.view(1, -1) > query_pos.view(-1, 1), float("-inf"))
-        bias = bias.repeat_interleave(group, dim=0)  # rows are (token, group) pairs
         qc = qf[:, first * group : last * group]
-        scores = torch.baddbmm(bias.to(q.dtype), qc, k[:, :num_keys].transpose(1, 2), alpha=scale)
+        scores = torch.baddbmm(span.biases[chunk], qc, k[:, :num_keys].transpose(1, 2), alpha=scale)
         probs = torch.softmax(scores, dim=-1)
         out[:, first * group : last * group] = torch.bmm(probs, v[:, :num_keys])
     # [Hkv, rows * G, D] -> [rows, H * D]
     return out.view(hkv, num_rows, group, head_dim).transpose(0, 1).reshape(num_rows, num_heads * head_dim)
+
+
+def _causal_biases(span: PrefillSpan, num_rows: int, group: int, dtype, device) -> list[torch.Tensor]:
+    """Per query chunk: 0 where a (token, group) row may see a key, -inf after its position."""
+    biases = []
+    for first in range(0, num_rows, PREFILL_QUERY_CHUNK):
+        last = min(first + PREFILL_QUERY_CHUNK, num_rows)
+        query_pos = torch.arange(span.start_pos + first, span.start_pos + last, device=device)
+        key_pos = torch.arange(span.start_pos + last, device=device)
+        bias = torch.zeros(last - first, key_pos.numel(), dtype=dtype, device=device)
+        bias.masked_fill_(key_pos.view(1, -1) > query_pos.view(-1, 1), float("-inf"))
+        biases.append(bias.repeat_interleave(group, dim=0))  # rows are (token, group) pairs
+    return biases
