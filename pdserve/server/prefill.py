@@ -74,6 +74,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
         w.pending_prefill_tokens += len(prompt)
         finished = False
+        first_sent: float | None = None  # when the first and the last KV chunk were sent
+        last_sent = 0.0
         try:
             await asyncio.wrap_future(w.loop.call(submit))
             while True:
@@ -81,11 +83,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 if isinstance(item, KVChunkData):
                     await self.faults.on_chunk(item.sequence_number)
                     yield _chunk_response(item)
+                    last_sent = time.monotonic()
+                    first_sent = first_sent or last_sent
                     continue
                 finished = item.finished
                 if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
                     raise item.error or FatalError("prefill aborted", request_id=rid)
-                yield prefill_pb2.PrefillResponse(first_token=self._first_token(rid, item, started))
+                first = self._first_token(rid, item, started)
+                first.timings.kv_send_ms = (last_sent - first_sent) * 1e3 if first_sent else 0.0
+                yield prefill_pb2.PrefillResponse(first_token=first)
                 daemon.log_request(role="prefill", request_id=rid, prompt_tokens=len(prompt),
                                    cached_tokens=item.num_cached_tokens, kv_bytes=sender.num_bytes,
                                    ms=round((time.monotonic() - started) * 1e3, 1))
