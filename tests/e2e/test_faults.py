@@ -6,6 +6,7 @@ which prefill candidates a decode worker tries and in which order.
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import time
 
@@ -140,8 +141,10 @@ def test_killed_decode_worker_is_dropped_and_avoided(tiny_dir):
         victim.process.kill()
         victim.process.wait()
         killed_at = time.monotonic()
-        with Client(cluster.address, timeout=30) as client:
-            results = [client.complete(prompt_token_ids=PROMPT, max_tokens=4, temperature=0.0) for _ in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(cluster.address, timeout=30) as client:
+            # Requests go on while the status is watched, so detection time is not request time.
+            pending = pool.submit(lambda: [client.complete(prompt_token_ids=PROMPT, max_tokens=4, temperature=0.0)
+                                           for _ in range(4)])
             gone = None
             while time.monotonic() - killed_at < 5:
                 status = {w.address: w.health for w in client.cluster_status()}
@@ -149,5 +152,6 @@ def test_killed_decode_worker_is_dropped_and_avoided(tiny_dir):
                     gone = time.monotonic() - killed_at
                     break
                 time.sleep(0.05)
+            results = pending.result(60)
     assert all(r.usage.completion_tokens == 4 for r in results)
     assert gone is not None and gone <= 3 * 0.3 + 0.5  # within 3 heartbeats (plus one poll)
