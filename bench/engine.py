@@ -27,7 +27,8 @@ Columns
   decoding all `batch` sequences (checked), are timed. tokens_per_s =
   batch * steps / time. The attended context runs from context + 1 to
   context + steps. The KV pool (CacheConfig.num_blocks) holds the batch at
-  context + steps, plus room for one round's new blocks beside the cached prompts.
+  context + steps, plus twice the blocks a round adds, so that re-admitting never
+  evicts another sequence's cached prompt.
   prefill: prefix cache off, max_num_batched_tokens = context; a fresh prompt
   each round; the one `engine.step()` that computes the prompt and samples its
   token is timed. tokens_per_s = context / time.
@@ -95,7 +96,7 @@ HF_FULL_STEPS_TOKENS = 8192
 HF_MIN_STEPS = 4
 # Rounds during which other processes took more of the CPUs than this are repeated.
 MAX_OTHER_LOAD = 0.10
-# Before each round, wait up to QUIET_MAX_WAIT_S for a QUIET_WINDOW_S window that quiet.
+# Before each round, wait (at most QUIET_MAX_WAIT_S) for a QUIET_WINDOW_S window that quiet.
 QUIET_WINDOW_S = 1.0
 QUIET_MAX_WAIT_S = 120.0
 FIRST_TOKEN_ID = 3  # prompts avoid the special tokens 0-2
