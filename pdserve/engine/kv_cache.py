@@ -75,12 +75,14 @@ class KVCache:
         shape = (self.num_kv_heads * batch, -1, self.head_dim)
         return k.view(shape), v.view(shape)
 
-    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Slots of token positions [start, end) of a sequence."""
+    def slot_ids(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Slots of token positions [start, end) of a sequence, as plain ints (cheap for one token)."""
         bs = self.block_size
-        pos = torch.arange(start, end)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return (table[pos // bs] * bs + pos % bs).to(self.k[0].device)
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Slots of token positions [start, end) of a sequence, as a tensor on the cache's device."""
+        return torch.tensor(self.slot_ids(block_table, start, end), dtype=torch.long, device=self.k[0].device)
 
     def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [start, end) as [T, Hkv, D] (contiguous copies), for export."""

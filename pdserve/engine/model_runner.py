@@ -60,13 +60,11 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        bs = self.kv_cache.block_size
         for s in ordered:
             start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
             token_ids.extend(s.seq.token_ids[start:end])
             positions.extend(range(start, end))
-            table = s.seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(self.kv_cache.slot_ids(s.seq.block_table, start, end))
         decode = [s.seq for s in ordered if s.num_new_tokens == 1]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
