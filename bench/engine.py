@@ -284,8 +284,8 @@ class EngineDecode:
         kv = []
         for layer in range(self.engine.spec.num_layers):
             pairs = [self.engine.read_kv(seq.request_id, layer, 0, self.context - 1) for seq in seqs]
-            k = torch.stack([p[0] for p in pairs]).transpose(1, 2).contiguous()  # [B, Hkv, T, D]
-            v = torch.stack([p[1] for p in pairs]).transpose(1, 2).contiguous()
+            k = torch.stack([p[0] for p in pairs])  # [B, Hkv, T, D]
+            v = torch.stack([p[1] for p in pairs])
             kv.append((k, v))
         return kv
 

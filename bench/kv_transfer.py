@@ -7,7 +7,8 @@ Starts, as separate processes on loopback: a prefill daemon pinned to core 0 and
 decode daemon pinned to core 1 (`--cpus 0` / `--cpus 1`, `--threads 1` each, bf16,
 `--max-model-len 8192`, no router), and a bare gRPC server (this script with
 --serve-raw) pinned to core 0. This process is the receiving end of the transfers and
-runs on core 1 (as the decode daemon would), on uvloop, with one torch thread.
+runs on core 1 (as the decode daemon would), on uvloop, with one torch thread. All
+processes run with the daemons' malloc settings (pdserve/allocator.py).
 Prompts are random token ids in [0, --vocab-size) sent as prompt_token_ids,
 max_tokens=1, greedy. Prints one JSON object per prompt length on stdout (progress and
 diagnostics go to stderr):
@@ -30,10 +31,10 @@ Figures
   same prompt again: the daemon recomputes only the tokens after the last full block
   (16 at most) and streams every layer's KV. Timed: from just before the call is made
   to the moment the last KV chunk (received bytes == the header's num_kv_bytes) has
-  been parsed and checked the way `DecodeServicer._pull` does it: WhichOneof, the
-  header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk`
-  (sequence number, ranges, byte counts, k/v bytes read out of the message and viewed
-  as [T, Hkv, D] tensors). Not timed: the decode daemon's write of the tensors into its
+  been parsed and checked the way `DecodeServicer._pull` does it: through the decode
+  daemon's `PrefillStub` (chunks decoded as views of the message), the header through a
+  `KVReceiver`, and each chunk through `KVReceiver.on_chunk` (sequence number, ranges,
+  byte counts, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
   own blocks, and the FirstToken message that follows the KV.
 - bytes_per_s = bytes / transfer_s.
 - ratio_grpc_raw = raw_s / transfer_s, where raw_s is a bare grpc.aio server-streaming
@@ -170,7 +171,8 @@ def receiver_for(header_msg, rid: str, prompt: list[int]):
 
 
 async def pull_kv(stub, prompt: list[int]) -> Pull:
-    """Pull a prompt's KV through the Prefill stream, parsing it as DecodeServicer._pull does."""
+    """Pull a prompt's KV through the Prefill stream (a decode daemon's PrefillStub), parsing it as _pull does."""
+    from pdserve.server.wire import KVChunkView
     from pdserve.v1 import prefill_pb2
 
     rid = uuid.uuid4().hex
@@ -179,14 +181,14 @@ async def pull_kv(stub, prompt: list[int]) -> Pull:
     receiver = None
     t0 = time.perf_counter()
     async for msg in stub.Prefill(request, timeout=120):
-        kind = msg.WhichOneof("kind")
+        kind = "chunk" if isinstance(msg, KVChunkView) else msg.WhichOneof("kind")
         if kind == "header":
             pull.header_s = time.perf_counter() - t0
             receiver = receiver_for(msg.header, rid, prompt)
         elif kind == "chunk":
             if receiver is None:
                 raise RuntimeError("a KV chunk before the header")
-            c = msg.chunk
+            c = msg if isinstance(msg, KVChunkView) else msg.chunk
             _, _, k, v = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index, c.token_start,
                                            c.token_end, c.k_bytes, c.v_bytes)
             if not pull.chunk_sizes:
@@ -391,11 +393,12 @@ def daemon_args(cpu: int, args: argparse.Namespace) -> list[str]:
 
 async def run(args: argparse.Namespace, prefill_address: str, decode_address: str, raw_address: str) -> None:
     from pdserve.server.daemon import channel
-    from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
+    from pdserve.server.decode import PrefillStub
+    from pdserve.v1 import decode_pb2_grpc
 
     raw_channel = channel(raw_address)
     raw_call = raw_channel.unary_stream(RAW_SERVICE)  # no serializers: bytes in, bytes out
-    setup = Setup(prefill_address, prefill_pb2_grpc.PrefillServiceStub(channel(prefill_address)),
+    setup = Setup(prefill_address, PrefillStub(channel(prefill_address)),
                   decode_pb2_grpc.DecodeServiceStub(channel(decode_address)), raw_call, args.vocab_size,
                   random.Random(args.seed))
     for num_tokens in args.tokens:
@@ -426,6 +429,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import uvloop
+
+    from pdserve.allocator import tune_malloc
+
+    tune_malloc()  # the raw server and the receiving end run with the daemons' malloc settings
 
     if args.serve_raw:
         uvloop.run(serve_raw())

@@ -31,8 +31,9 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 
-# Receives KV computed for export: (request_id, layer, start position, k, v), k/v [T, Hkv, D]
-# private copies. Called on the engine thread, layer by layer, while later layers compute.
+# Receives KV computed for export: (request_id, layer, start position, k, v), k/v [Hkv, T, D]
+# private copies (each head's rows contiguous). Called on the engine thread, layer by
+# layer, while later layers compute.
 KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -112,14 +113,14 @@ class LLMEngine:
         return seq
 
     def write_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V ([T, Hkv, D]) of positions [start, start + T) of a remote request's prompt."""
+        """Write K/V ([Hkv, T, D]) of positions [start, start + T) of a remote request's prompt."""
         seq = self._remote_seq(request_id)
-        end = start + k.shape[0]
+        end = start + k.shape[1]
         if not (0 <= start < end <= seq.num_prompt_tokens) or not (0 <= layer < self.spec.num_layers):
             raise InvalidRequestError("kv_chunk", f"layer {layer} tokens [{start}, {end}) out of range",
                                       request_id=request_id)
         slots = self.kv_cache.slots(seq.block_table, start, end)
-        self.kv_cache.write(layer, slots, k.to(self.device), v.to(self.device))
+        self.kv_cache.write_head_major(layer, slots, k.to(self.device), v.to(self.device))
 
     def complete_remote_kv(self, request_id: str, first_token_id: int) -> None:
         """The prompt's KV is written and its first token sampled remotely: start decoding."""
@@ -128,7 +129,7 @@ class LLMEngine:
         self._emit_token(seq, first_token_id, None)
 
     def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ([T, Hkv, D]) of positions [start, end) of a request still holding its blocks."""
+        """K/V ([Hkv, T, D]) of positions [start, end) of a request still holding its blocks."""
         seq = self.seqs.get(request_id)
         if seq is None:
             raise NotFoundError(f"unknown request {request_id!r}")
@@ -179,9 +180,14 @@ class LLMEngine:
         return outputs
 
     def _export_cached_prefix(self, exports: list[ScheduledSeq]) -> None:
-        """Hand out KV already in the cache (a prefix hit) at once, before the step computes the rest."""
+        """Hand out KV already in the cache (a prefix hit) at once, before the step computes the rest.
+
+        A prompt found whole in the cache is sent whole: its last token's recompute
+        (for the logits) leaves the KV its shared block holds.
+        """
         for s in exports:
-            start, end = s.seq.num_exported_tokens, s.seq.num_computed_tokens
+            start = s.seq.num_exported_tokens
+            end = max(s.seq.num_computed_tokens, min(s.seq.num_cached_tokens, s.seq.num_prompt_tokens))
             if start >= end:
                 continue
             for layer in range(self.spec.num_layers):

@@ -5,6 +5,9 @@ so gathering a batch's blocks is one `index_select` on dim 0 of a
 [num_kv_heads * num_blocks, block_size, head_dim] view that yields the
 [num_kv_heads * batch, context, head_dim] operand attention multiplies with,
 without a transpose copy. A token's slot is block_id * block_size + offset.
+One block past the pool's (`scratch_slot`) takes writes that must not land:
+the recomputed last token of a prompt found whole in the prefix cache, whose
+shared block already holds its KV and stays immutable.
 Which blocks belong to whom is `kv_cache_manager`'s business, not this module's.
 """
 
@@ -30,7 +33,9 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (num_kv_heads, num_blocks * block_size, head_dim)
+        self._blocks_per_head = num_blocks + 1  # the pool's blocks and the scratch block
+        self.scratch_slot = num_blocks * block_size
+        shape = (num_kv_heads, self._blocks_per_head * block_size, head_dim)
         # Zeroed, not empty: padding slots are read (then masked) and must not hold NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -45,16 +50,20 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * block_size * itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V of tokens at their slots. slots: [T]; k, v: [T, Hkv, D]."""
-        self.k[layer].index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
-        self.v[layer].index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+        """Store K/V of tokens at their slots. slots: [T]; k, v: [T, Hkv, D] (the model's layout)."""
+        self.write_head_major(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
+
+    def write_head_major(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V of tokens at their slots. slots: [T]; k, v: [Hkv, T, D] (the cache's, and the wire's, layout)."""
+        self.k[layer].index_copy_(1, slots, k.to(self.dtype))
+        self.v[layer].index_copy_(1, slots, v.to(self.dtype))
 
     def gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
         """Rows to gather for a batch: [Hkv * B * max_blocks], shared by every layer.
 
         block_tables: [B, max_blocks] (padded with any valid block id; callers mask).
         """
-        heads = torch.arange(self.num_kv_heads, device=block_tables.device) * self.num_blocks
+        heads = torch.arange(self.num_kv_heads, device=block_tables.device) * self._blocks_per_head
         return (heads.view(-1, 1, 1) + block_tables.unsqueeze(0)).reshape(-1)
 
     def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +71,7 @@ class KVCache:
 
         The result is a view of a buffer that the next gather overwrites.
         """
-        rows = (self.num_kv_heads * self.num_blocks, self.block_size, self.head_dim)
+        rows = (self.num_kv_heads * self._blocks_per_head, self.block_size, self.head_dim)
         n = index.numel()
         if self._gather_k.shape[0] < n:
             # A normal tensor even when first needed inside inference mode: exports write it outside.
@@ -85,10 +94,18 @@ class KVCache:
         return torch.tensor(self.slot_ids(block_table, start, end), dtype=torch.long, device=self.k[0].device)
 
     def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions [start, end) as [T, Hkv, D] (contiguous copies), for export."""
+        """K and V of positions [start, end) as [Hkv, T, D], for export.
+
+        Views of new tensors (not of the cache, nor of the reused gather buffers), each
+        head's [T, D] rows contiguous: one block-granular copy out of the cache.
+        """
         bs = self.block_size
         first, last = start // bs, -(-end // bs)
         table = torch.tensor(block_table[first:last], dtype=torch.long, device=self.k[0].device)
-        k, v = self.gather(layer, self.gather_index(table), 1)  # [Hkv, blocks * bs, D], dim-0 gathers
+        index = self.gather_index(table)
+        rows = (self.num_kv_heads * self._blocks_per_head, bs, self.head_dim)
+        shape = (self.num_kv_heads, -1, self.head_dim)
         lo, hi = start - first * bs, end - first * bs
-        return k[:, lo:hi].transpose(0, 1).contiguous(), v[:, lo:hi].transpose(0, 1).contiguous()
+        k = self.k[layer].view(rows).index_select(0, index).view(shape)[:, lo:hi]
+        v = self.v[layer].view(rows).index_select(0, index).view(shape)[:, lo:hi]
+        return k, v

@@ -41,13 +41,14 @@ class KVCacheManager:
     def find_prefix(self, seq: Sequence) -> list[Block]:
         """Cached blocks holding the start of seq's tokens (for a seq without blocks).
 
-        The last token is never covered: its logits give the next token.
+        They may cover every token; `allocate` then leaves the last one to recompute
+        (its logits give the next token) without writing into the shared block.
         """
         if seq.block_table or not self.enable_prefix_caching:
             return []
         hits: list[Block] = []
         parent: int | None = None
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range(seq.num_tokens // self.block_size):
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             parent = chain_hash(parent, tokens)
             block = self.pool.lookup(parent, tokens)
@@ -60,12 +61,14 @@ class KVCacheManager:
         """Room for num_new_tokens more tokens of seq, after its computed ones.
 
         `prefix` (from find_prefix, first allocation only) is taken instead of
-        computed: seq.num_computed_tokens moves past it. Returns False and changes
-        nothing when the pool cannot hold it.
+        computed: seq.num_computed_tokens moves past it, up to the last token, which
+        is always computed (seq.num_cached_tokens marks the shared, immutable part).
+        Returns False and changes nothing when the pool cannot hold it.
         """
         prefix = prefix or []
         num_hit_tokens = len(prefix) * self.block_size
-        end = max(seq.num_computed_tokens, num_hit_tokens) + num_new_tokens
+        start = max(seq.num_computed_tokens, min(num_hit_tokens, seq.num_tokens - 1))
+        end = start + num_new_tokens
         num_needed = self.num_blocks_for(end) - len(seq.block_table) - len(prefix)
         num_free_after_hits = self.pool.num_free - sum(1 for b in prefix if b.ref_count == 0)
         if num_needed > num_free_after_hits:
@@ -78,7 +81,7 @@ class KVCacheManager:
             self.pool.take(block)
             seq.block_table.append(block.block_id)
             seq.block_hashes.append(block.block_hash)
-        seq.num_computed_tokens = max(seq.num_computed_tokens, num_hit_tokens)
+        seq.num_computed_tokens = start
         for _ in range(max(num_needed, 0)):
             seq.block_table.append(self.pool.allocate().block_id)
         return True

@@ -64,7 +64,12 @@ class ModelRunner:
             start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
             token_ids.extend(s.seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(self.kv_cache.slot_ids(s.seq.block_table, start, end))
+            ids = self.kv_cache.slot_ids(s.seq.block_table, start, end)
+            # Positions in shared cached blocks (the recomputed last token of a prompt found
+            # whole in the prefix cache) keep the KV they hold: their write goes to scratch.
+            num_shared = max(0, min(end, s.seq.num_cached_tokens) - start)
+            ids[:num_shared] = [self.kv_cache.scratch_slot] * num_shared
+            slots.extend(ids)
         decode = [s.seq for s in ordered if s.num_new_tokens == 1]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-WIRE_VERSION = 1
+# 2: chunks head-major, [num_kv_heads, num_tokens, head_dim] (1 was token-major).
+WIRE_VERSION = 2
 # Upper bound of one chunk's K + V bytes: well under gRPC's message limit, and
 # small enough that the receiver's write of one chunk does not stall its engine step.
 MAX_CHUNK_BYTES = 4 * 2**20
@@ -41,12 +42,6 @@ class KVGeometry:
 
 
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a contiguous tensor (bf16 goes through an int16 view: numpy has no bf16)."""
-    t = t.detach().contiguous().cpu()
-    return t.view(_VIEW_AS[t.dtype]).numpy().tobytes()
 
 
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

@@ -74,7 +74,7 @@ class KVReceiver:
 
     def on_chunk(self, request_id: str, sequence_number: int, layer: int, token_start: int, token_end: int,
                  k: bytes, v: bytes) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """Check a chunk; returns (layer, start, k, v) with k, v [T, Hkv, D] ready to write."""
+        """Check a chunk; returns (layer, start, k, v) with k, v [Hkv, T, D] ready to write."""
         rid = self.request_id
         if self.header is None:
             raise KVTransferError("KV chunk before the header", request_id=rid)
@@ -94,7 +94,7 @@ class KVReceiver:
         self._next_seq += 1
         self._layer_tokens[layer] = token_end
         self._received_bytes += len(k) + len(v)
-        shape = (token_end - token_start, self.geometry.num_kv_heads, self.geometry.head_dim)
+        shape = (self.geometry.num_kv_heads, token_end - token_start, self.geometry.head_dim)
         return layer, token_start, tensor_from_bytes(k, self.torch_dtype, shape), \
             tensor_from_bytes(v, self.torch_dtype, shape)
 

@@ -1,9 +1,11 @@
 """Prefill side: KV computed layer by layer becomes numbered chunks on a queue.
 
 `on_kv` is called on the engine thread as each layer's KV is computed; it cuts
-the token range into chunks of at most max_chunk_bytes, converts them to bytes
-and posts them to the request's queue on the event loop, where the Prefill
-handler streams them. Chunks are numbered from 0 without gaps.
+the token range into chunks of at most max_chunk_bytes and posts them to the
+request's queue on the event loop, where the Prefill handler encodes and streams
+them. A chunk holds views of the engine's private export copy: no byte is copied
+here; the encoder copies each head's rows once, into the message.
+Chunks are numbered from 0 without gaps.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, KVGeometry, tensor_to_bytes
+from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, KVGeometry
 
 
 @dataclass(slots=True)
@@ -23,8 +25,12 @@ class KVChunkData:
     layer: int
     token_start: int
     token_end: int
-    k: bytes
-    v: bytes
+    k: torch.Tensor  # [Hkv, T, D], each head's rows contiguous
+    v: torch.Tensor
+
+    @property
+    def num_bytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 class KVSender:
@@ -38,11 +44,11 @@ class KVSender:
         self.num_bytes = 0
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Engine thread: k, v [T, Hkv, D] of positions [start, start + T) of one layer."""
-        for lo in range(0, k.shape[0], self.chunk_tokens):
-            hi = min(lo + self.chunk_tokens, k.shape[0])
+        """Engine thread: k, v [Hkv, T, D] of positions [start, start + T) of one layer."""
+        for lo in range(0, k.shape[1], self.chunk_tokens):
+            hi = min(lo + self.chunk_tokens, k.shape[1])
             chunk = KVChunkData(self.request_id, self._next_seq, layer, start + lo, start + hi,
-                                tensor_to_bytes(k[lo:hi]), tensor_to_bytes(v[lo:hi]))
+                                k[:, lo:hi].cpu(), v[:, lo:hi].cpu())
             self._next_seq += 1
-            self.num_bytes += len(chunk.k) + len(chunk.v)
+            self.num_bytes += chunk.num_bytes
             self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.allocator import tune_malloc
 from pdserve.server.malformed import MalformedRequestInterceptor
 
 log = logging.getLogger("pdserve")
@@ -137,7 +138,8 @@ class Daemon:
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run a daemon's async main on uvloop (asyncio where uvloop is missing)."""
+    """Run a daemon's async main on uvloop (asyncio where uvloop is missing), malloc tuned."""
+    tune_malloc()
     try:
         import uvloop
 

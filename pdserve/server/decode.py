@@ -36,12 +36,22 @@ from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.server import daemon, wire
 from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with, error_from_status
-from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdserve.server.prefill import SERVICE_NAME as PREFILL_SERVICE
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 
 log = logging.getLogger("pdserve.decode")
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
+
+
+class PrefillStub:
+    """The Prefill rpc as decode daemons call it: KV chunks arrive as views of the messages, not copies."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.Prefill = channel.unary_stream(f"/{PREFILL_SERVICE}/Prefill",
+                                            request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
+                                            response_deserializer=wire.prefill_response_from_bytes)
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, worker: Worker, options: DecodeOptions) -> None:
         self.worker = worker
         self.options = options
-        self._stubs: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
+        self._stubs: dict[str, PrefillStub] = {}
 
     async def Stats(self, request, context):
         return await self.worker.stats_response()
@@ -157,9 +167,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
             while True:
                 msg = await asyncio.wait_for(stream.__anext__(), stall)
-                kind = msg.WhichOneof("kind")
+                kind = "chunk" if isinstance(msg, wire.KVChunkView) else msg.WhichOneof("kind")
                 if kind == "chunk":
-                    c = msg.chunk
+                    c = msg if isinstance(msg, wire.KVChunkView) else msg.chunk
                     layer, start, k, v = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index,
                                                            c.token_start, c.token_end, c.k_bytes, c.v_bytes)
                     writes.append(w.loop.call(lambda e, a=(layer, start, k, v): e.write_kv(rid, *a)))
@@ -190,10 +200,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.worker.loop.register_sink(rid, sink)
         engine.complete_remote_kv(rid, token)
 
-    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
+    def _stub(self, address: str) -> PrefillStub:
         stub = self._stubs.get(address)
         if stub is None:
-            stub = self._stubs[address] = prefill_pb2_grpc.PrefillServiceStub(daemon.channel(address))
+            stub = self._stubs[address] = PrefillStub(daemon.channel(address))
         return stub
 
     def _result(self, rid, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,

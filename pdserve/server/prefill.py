@@ -33,6 +33,8 @@ from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
+SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, worker: Worker, faults: FaultInjector | None = None) -> None:
@@ -82,7 +84,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 item = await queue.get()
                 if isinstance(item, KVChunkData):
                     await self.faults.on_chunk(item.sequence_number)
-                    yield _chunk_response(item)
+                    yield wire.kv_chunk_response(item)
                     last_sent = time.monotonic()
                     first_sent = first_sent or last_sent
                     continue
@@ -122,11 +124,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return first
 
 
-def _chunk_response(c: KVChunkData) -> prefill_pb2.PrefillResponse:
-    # Built from a dict: one message construction instead of building a KVChunk and copying it in.
-    return prefill_pb2.PrefillResponse(chunk=dict(
-        request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
-        token_start=c.token_start, token_end=c.token_end, k_bytes=c.k, v_bytes=c.v))
+def add_prefill_service(servicer: PrefillServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that Prefill's responses may come serialized (KV chunks)."""
+    serialize = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
+    handlers = {
+        "Prefill": grpc.unary_stream_rpc_method_handler(
+            servicer.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+            response_serializer=serialize),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,
+            response_serializer=common_pb2.StatsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name,
-               lambda worker, server: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker), server))
+    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, SERVICE_NAME,
+               lambda worker, server: add_prefill_service(PrefillServicer(worker), server))
 
 
 if __name__ == "__main__":

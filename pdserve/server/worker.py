@@ -48,6 +48,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    p.add_argument("--engine-nice", type=int, default=10,
+                   help="OS priority of the compute threads below the I/O thread (0: equal)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -62,10 +64,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 class Worker:
     """The engine thread and everything a servicer needs to know about this worker."""
 
-    def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None) -> None:
+    def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None, engine_nice: int = 0) -> None:
         self.role = role
         self.engine = engine
-        self.loop = EngineLoop(engine).start()
+        self.loop = EngineLoop(engine, nice=engine_nice).start()
         self.preprocessor = Preprocessor(engine.tokenizer)
         self.worker_id = worker_id or f"{common_pb2.WorkerRole.Name(role).split('_')[-1].lower()}-{uuid.uuid4().hex[:8]}"
         fp = engine.loaded.fingerprint
@@ -154,7 +156,7 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
 
     async def serve() -> None:
         daemon.apply_process_settings(args.threads, args.cpus)
-        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id)
+        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice)
         d = daemon.Daemon(name, args.listen, args.grace_s)
         add_servicer(worker, d.server)
         address = await d.start([service_name])

@@ -80,14 +80,19 @@ def test_freed_blocks_keep_their_prefix_until_reused():
     assert kv.stats().prefix_hit_rate == 4 / 10
 
 
-def test_last_token_is_never_served_from_cache():
+def test_whole_prompt_hit_shares_every_block_and_recomputes_only_the_last_token():
     kv = KVCacheManager(num_blocks=4, block_size=2)
     a = make_seq([1, 2, 3, 4], "a")
     assert kv.allocate(a, 4)
     a.num_computed_tokens = 4
     kv.cache_computed_blocks(a)
     b = make_seq([1, 2, 3, 4], "b")
-    assert len(kv.find_prefix(b)) == 1  # block [3, 4] holds the last token: recomputed
+    prefix = kv.find_prefix(b)
+    assert len(prefix) == 2
+    assert kv.allocate(b, 1, prefix)
+    assert b.block_table == a.block_table  # shared, no new block
+    assert (b.num_computed_tokens, b.num_cached_tokens) == (3, 4)  # token 4 recomputed, its KV kept
+    assert kv.stats().num_used == 2
 
 
 ops = st.lists(

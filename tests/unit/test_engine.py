@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import CapacityError, InvalidRequestError
@@ -95,6 +96,35 @@ def test_repeated_prompt_hits_prefix_cache(tiny_loaded, references):
     assert tokens_of(first["a"]) == tokens_of(second["b"]) == refs["llama"][-1]
 
 
+def test_whole_prompt_hit_recomputes_one_token_and_leaves_shared_kv_untouched(tiny_loaded, references):
+    """A prompt found whole in the cache: only its last token runs, and the KV it exports is the cached KV."""
+    prompts, refs = references
+    engine = make_engine(tiny_loaded("llama"))  # block size 4: the 64-token prompt fills 16 blocks
+    prompt = prompts[-1]
+    exported: dict[str, dict[int, list]] = {}
+    tables: dict[str, list[int]] = {}
+
+    def sink(rid, layer, start, k, v):
+        tables.setdefault(rid, list(engine.seqs[rid].block_table))  # as first exported
+        exported.setdefault(rid, {}).setdefault(layer, []).append((start, k.clone()))
+
+    engine.kv_export_sink = sink
+    engine.add_request("cold", prompt, SamplingParams(max_tokens=1, temperature=0.0), export_kv=True)
+    run_to_completion(engine)
+    slots = torch.tensor(engine.kv_cache.slot_ids(tables["cold"], 0, len(prompt)))
+    before = [t.index_select(1, slots) for t in engine.kv_cache.k + engine.kv_cache.v]
+    engine.add_request("warm", prompt, GREEDY, export_kv=True)
+    outs = run_to_completion(engine)
+    assert tables["warm"] == tables["cold"]  # every block shared, none allocated for the prompt
+    assert outs["warm"][-1].num_cached_tokens == len(prompt)
+    assert tokens_of(outs["warm"]) == refs["llama"][-1]
+    after = [t.index_select(1, slots) for t in engine.kv_cache.k + engine.kv_cache.v]
+    assert all(torch.equal(b, a) for b, a in zip(before, after))  # the recompute wrote to scratch
+    for layer, parts in exported["warm"].items():
+        assert parts[0][0] == 0 and parts[0][1].shape[1] == len(prompt)  # sent whole, before the step
+        assert torch.equal(parts[0][1], torch.cat([k for _, k in exported["cold"][layer]], dim=1))
+
+
 def test_abort_mid_decode_frees_every_block(tiny_loaded, references):
     prompts, _ = references
     engine = make_engine(tiny_loaded("llama"), prefix_caching=False)
@@ -140,7 +170,7 @@ def test_exported_kv_imported_elsewhere_gives_identical_output(tiny_loaded, refe
     covered = {}
     for rid, layer, start, k, v in chunks:
         assert rid == "p"
-        covered.setdefault(layer, []).append((start, start + k.shape[0]))
+        covered.setdefault(layer, []).append((start, start + k.shape[1]))
     assert all(sorted(r)[0][0] == 0 and sum(e - s for s, e in r) == len(prompt) for r in covered.values())
     dst.add_remote_request("p", prompt, GREEDY)
     assert dst.step() == []  # not scheduled while its KV is missing

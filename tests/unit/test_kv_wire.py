@@ -1,0 +1,122 @@
+"""KV chunks on the wire: the hand-made encoding is protobuf's, and what the sender cuts the receiver rebuilds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from pdserve.errors import KVTransferError
+from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry
+from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
+from pdserve.kv_transfer.sender import KVChunkData, KVSender
+from pdserve.server import wire
+from pdserve.v1 import prefill_pb2
+
+GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=3, head_dim=4, dtype="bfloat16")
+
+
+def protobuf_encoding(c: KVChunkData) -> bytes:
+    as_bytes = lambda t: t.contiguous().view(torch.int16).numpy().tobytes()  # noqa: E731
+    return prefill_pb2.PrefillResponse(chunk=prefill_pb2.KVChunk(
+        request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
+        token_start=c.token_start, token_end=c.token_end, k_bytes=as_bytes(c.k), v_bytes=as_bytes(c.v),
+    )).SerializeToString()
+
+
+@pytest.mark.parametrize("rid", ["", "r", "x" * 300])
+@pytest.mark.parametrize(("seq", "layer", "start", "num_tokens"), [(0, 0, 0, 1), (1, 1, 5, 7), (300, 129, 70000, 200)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_hand_encoding_is_byte_identical_to_protobufs(rid, seq, layer, start, num_tokens, contiguous):
+    full = torch.randn(3, num_tokens + 5, 4).to(torch.bfloat16)
+    k = full[:, :num_tokens].contiguous() if contiguous else full[:, 2 : 2 + num_tokens]
+    v = (full * 2)[:, 1 : 1 + num_tokens]
+    assert k.is_contiguous() == contiguous and not v.is_contiguous()
+    c = KVChunkData(rid, seq, layer, start, start + num_tokens, k, v)
+    encoded = wire.kv_chunk_response(c)
+    assert encoded == protobuf_encoding(c)
+    parsed = prefill_pb2.PrefillResponse.FromString(encoded).chunk
+    assert parsed.k_bytes == k.contiguous().view(torch.int16).numpy().tobytes()
+
+
+def run_sender(max_chunk_bytes: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[KVChunkData]:
+    """Each layer's KV through a KVSender, as the engine thread hands it over; the queued chunks."""
+    loop = asyncio.new_event_loop()
+    try:
+        queue: asyncio.Queue = asyncio.Queue()
+        sender = KVSender("r", GEOMETRY, loop, queue, max_chunk_bytes)
+        for layer, (k, v) in enumerate(kv):
+            sender.on_kv(layer, 0, k, v)
+        loop.run_until_complete(asyncio.sleep(0))  # run the posted puts
+        chunks = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert sender.num_bytes == GEOMETRY.total_bytes(kv[0][0].shape[1])
+        return chunks
+    finally:
+        loop.close()
+
+
+def receiver(prompt: list[int]) -> KVReceiver:
+    r = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16)
+    r.on_header(KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, GEOMETRY.total_bytes(len(prompt))))
+    return r
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, 100, 2**20])
+def test_chunks_cut_encoded_and_parsed_rebuild_each_layer(max_chunk_bytes):
+    prompt = list(range(10))
+    # Non-contiguous heads, as KVCache.read hands them out.
+    kv = [(torch.randn(3, 12, 4).to(torch.bfloat16)[:, 1:11], torch.randn(3, 10, 4).to(torch.bfloat16))
+          for _ in range(GEOMETRY.num_layers)]
+    chunks = run_sender(max_chunk_bytes, kv)
+    assert [c.sequence_number for c in chunks] == list(range(len(chunks)))
+    r = receiver(prompt)
+    got: dict[int, list] = {}
+    for c in chunks:
+        msg = prefill_pb2.PrefillResponse.FromString(wire.kv_chunk_response(c)).chunk
+        layer, start, k, v = r.on_chunk(msg.request_id, msg.sequence_number, msg.layer_index, msg.token_start,
+                                        msg.token_end, msg.k_bytes, msg.v_bytes)
+        assert k.shape == (3, msg.token_end - msg.token_start, 4)
+        got.setdefault(layer, []).append((start, k, v))
+    r.check_complete()
+    for layer, (k, v) in enumerate(kv):
+        assert [s for s, _, _ in got[layer]] == sorted(s for s, _, _ in got[layer])
+        assert torch.equal(torch.cat([x for _, x, _ in got[layer]], dim=1), k)
+        assert torch.equal(torch.cat([x for _, _, x in got[layer]], dim=1), v)
+
+
+def test_receiver_refuses_a_chunk_with_the_wrong_byte_count():
+    r = receiver(list(range(4)))
+    k = torch.zeros(3, 4, 4, dtype=torch.bfloat16)
+    msg = prefill_pb2.PrefillResponse.FromString(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 3, k, k))).chunk
+    with pytest.raises(KVTransferError, match="bytes"):
+        r.on_chunk("r", 0, 0, 0, 3, msg.k_bytes, msg.v_bytes)  # 4 tokens of bytes for a 3-token range
+
+
+def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
+    k = torch.randn(3, 5, 4).to(torch.bfloat16)
+    c = KVChunkData("req", 7, 1, 10, 15, k, k * 2)
+    encoded = wire.kv_chunk_response(c)
+    view = wire.prefill_response_from_bytes(encoded)
+    assert isinstance(view, wire.KVChunkView)
+    expected = prefill_pb2.PrefillResponse.FromString(encoded).chunk
+    for name in ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes"):
+        assert bytes(getattr(view, name)) == bytes(getattr(expected, name)) if name.endswith("bytes") \
+            else getattr(view, name) == getattr(expected, name)
+    first = prefill_pb2.PrefillResponse(first_token=prefill_pb2.FirstToken(request_id="req", token_id=3))
+    assert wire.prefill_response_from_bytes(first.SerializeToString()) == first
+    zeros = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("", 0, 0, 0, 1, k[:, :1], k[:, :1])))
+    assert (zeros.request_id, zeros.sequence_number, zeros.token_start, zeros.token_end) == ("", 0, 0, 1)
+
+
+def test_decoder_leaves_unusual_chunks_to_protobuf():
+    k = torch.zeros(3, 2, 4, dtype=torch.bfloat16)
+    encoded = wire.kv_chunk_response(KVChunkData("r", 1, 0, 0, 2, k, k))
+    assert encoded[1] < 0x80  # a one-byte length: the chunk's body starts at offset 2
+    # An unknown field (number 15, varint) appended inside the chunk: protobuf keeps it, we do not guess.
+    body = encoded[2:] + bytes([15 << 3, 1])
+    with_unknown = bytes([encoded[0], len(body)]) + body
+    parsed = wire.prefill_response_from_bytes(with_unknown)
+    assert isinstance(parsed, prefill_pb2.PrefillResponse) and parsed.chunk.sequence_number == 1
+    with pytest.raises(Exception, match="(?i)pars|decod|truncat"):
+        wire.prefill_response_from_bytes(encoded[:-5])  # truncated: protobuf's error, not a silent short chunk
