@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install run test test-fast bench proto clean
+.PHONY: install run test test-fast bench proto clean llama-server
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -38,3 +38,7 @@ clean:
 
 proto: install
 	$(BIN)/python scripts/gen_protos.py
+
+# llama.cpp's llama-server, built from the llama-cpp-python sdist (static, AVX-512, no -march=native).
+llama-server:
+	bash scripts/build_llama_server.sh

@@ -41,6 +41,28 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode workers prefill themselves)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--port", type=int, default=port, help="router port on 127.0.0.1 (0: any free one)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
+    p.add_argument("--log", default=None, help="append the daemons' logs to this file")
+
+
+def cluster_spec(args: argparse.Namespace):
+    """The ClusterSpec of `pdserve up` flags."""
+    from pdserve.cluster import ClusterSpec
+
+    if args.prefill < 0 or args.decode < 1:
+        raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
+    return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
+                       device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
+                       log_path=args.log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,16 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--router", default=None, help="router address (instead of --local)")
 
     up = sub.add_parser("up", help="start a local cluster: a router, prefill and decode workers")
-    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    up.add_argument("--decode", type=int, default=1, help="decode workers")
-    up.add_argument("--port", type=int, default=50051, help="router port on 127.0.0.1 (0: any free one)")
-    up.add_argument("--model", default=None)
-    up.add_argument("--dtype", default=None)
-    up.add_argument("--device", default="cpu")
-    up.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
-    up.add_argument("--log", default=None, help="append the daemons' logs to this file")
+    add_up_args(up)
     up.add_argument("--demo", default=None, metavar="PROMPT",
                     help="send PROMPT through the cluster, print the answer, stop (make run)")
+
+    from pdserve.bench.cli import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="serving benchmark against a router, a local cluster or llama-server"))
 
     chat = sub.add_parser("chat", help="interactive chat through a router")
     chat.add_argument("--router", required=True)
@@ -146,13 +165,9 @@ def _print_result(result) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
-    from pdserve.cluster import ClusterSpec, LocalCluster
+    from pdserve.cluster import LocalCluster
 
-    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
-                       device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log)
-    if args.prefill < 0 or args.decode < 1:
-        raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
+    spec = cluster_spec(args)
     print(f"starting a router, {args.prefill} prefill and {args.decode} decode workers...", file=sys.stderr)
     with LocalCluster(spec) as cluster:
         info = cluster.describe()
@@ -206,7 +221,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.append({"role": "assistant", "content": "".join(reply)})
 
 
-COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.cli import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
