@@ -49,6 +49,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="random prompt token ids are drawn from [LO, HI)")
     p.add_argument("--warmup", type=int, default=2, help="untimed requests sent first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="cancel what is still running then, counting it as failed")
 
 
 def add_arrival_args(p: argparse.ArgumentParser) -> None:
@@ -87,12 +89,14 @@ def warmup_requests(spec: WorkloadSpec, n: int) -> list[BenchRequest]:
 
 
 async def measure(backend: Backend, requests: list[BenchRequest], arrival: Arrivals, *,
-                  warmup: list[BenchRequest], label: str, progress: bool) -> list[RequestRecord]:
+                  warmup: list[BenchRequest], label: str, progress: bool,
+                  time_limit_s: float | None = None) -> list[RequestRecord]:
     from pdserve.bench.runner import run
 
     await backend.start()
     try:
-        return await run(backend, requests, arrival, warmup=warmup, progress=progress, label=label)
+        return await run(backend, requests, arrival, warmup=warmup, progress=progress, label=label,
+                         time_limit_s=time_limit_s)
     finally:
         await backend.close()
 
@@ -123,7 +127,7 @@ def run_bench(args: argparse.Namespace) -> int:
         label = args.label or default_label
         print(f"{label}: {spec.name} workload, {spec.num_requests} requests, {arrival.describe()}", file=sys.stderr)
         records = asyncio.run(measure(backend, requests, arrival, warmup=warmup, label=label,
-                                      progress=not args.no_progress))
+                                      progress=not args.no_progress, time_limit_s=args.time_limit_s))
     finally:
         if cluster is not None:
             cluster.stop()

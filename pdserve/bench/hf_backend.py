@@ -40,8 +40,8 @@ class _Job:
 
     request: BenchRequest
     loop: asyncio.AbstractEventLoop
-    tokens: list[int]  # generated ids so far; the same list as HFBackend.outputs[index]
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
+    tokens: list[int] = field(default_factory=list)  # generated so far; also HFBackend.outputs[index]
     done: bool = False
 
     def arrive(self, token: int) -> None:
@@ -101,8 +101,8 @@ class HFBackend:
     async def stream(self, request: BenchRequest) -> AsyncIterator[int]:
         if self._thread is None or self._closed:
             raise RuntimeError(f"{self.name}: request {request.index} sent before start() or after close()")
-        self.outputs[request.index] = tokens = []
-        job = _Job(request, asyncio.get_running_loop(), tokens)
+        job = _Job(request, asyncio.get_running_loop())
+        self.outputs[request.index] = job.tokens
         self._pending.put(job)
         while (event := await job.events.get()) is not None:
             if isinstance(event, RuntimeError):

@@ -3,7 +3,9 @@
 Warm-up requests run first, all at once, and are not recorded. Then each request
 is sent at its scheduled offset (open loop) or when a closed-loop client is free;
 every arrival is timestamped here, on the client side, with time.perf_counter().
-A failed request is recorded with its error and the run goes on.
+A failed request is recorded with its error and the run goes on. With a time
+limit, requests still running (or not yet sent) when it passes are cancelled and
+recorded as failed: a server that falls behind shows as failures, not as a hang.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pdserve.bench.stats import RequestRecord
 
 
 async def run(backend: Backend, requests: Sequence[BenchRequest], arrivals: Arrivals, *,
-              warmup: Sequence[BenchRequest] = (), progress: bool = True, label: str = "") -> list[RequestRecord]:
+              warmup: Sequence[BenchRequest] = (), progress: bool = True, label: str = "",
+              time_limit_s: float | None = None) -> list[RequestRecord]:
     if warmup:
         await asyncio.gather(*(_drain(backend, r) for r in warmup))
     start = time.perf_counter()
@@ -39,10 +42,12 @@ async def run(backend: Backend, requests: Sequence[BenchRequest], arrivals: Arri
             record.end_s = time.perf_counter() - sent
         except Exception as exc:  # noqa: BLE001 - a failed request is a result, not the end of the run
             record.error = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            record.error = f"cancelled at the run's time limit ({time_limit_s} s)"
         if bar is not None:
             bar.update(1)
 
-    try:
+    async def send_all() -> None:
         if arrivals.closed_loop:
             pending = iter(zip(requests, records))
 
@@ -59,6 +64,13 @@ async def run(backend: Backend, requests: Sequence[BenchRequest], arrivals: Arri
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(request, record)))
             await asyncio.gather(*tasks)
+
+    try:
+        await asyncio.wait_for(send_all(), time_limit_s)
+    except TimeoutError:
+        for record in records:
+            if record.end_s is None and record.error is None:
+                record.error = f"not done within the run's time limit ({time_limit_s} s)"
     finally:
         if bar is not None:
             bar.close()

@@ -158,3 +158,11 @@ def test_table_lists_each_configuration():
     assert "disagg" in text.splitlines()[0] and "coloc" in text.splitlines()[0]
     assert "100.0" in text and "300.0" in text
     assert stats.distribution_ms([0.001])["p99"] == pytest.approx(1.0)
+
+
+def test_time_limit_fails_what_is_left_instead_of_hanging():
+    server = FakeServer([0.01, 5.0, 0.01], [0.0] * 3)
+    requests = [BenchRequest(i, 1, prompt_token_ids=(1,)) for i in range(3)]
+    records = asyncio.run(runner.run(server, requests, Arrivals(concurrency=3), progress=False, time_limit_s=0.3))
+    assert [r.ok for r in records] == [True, False, True]
+    assert "time limit" in records[1].error
