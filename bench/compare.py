@@ -102,7 +102,8 @@ class TransformersConfig:
 
 
 class LlamaServerConfig:
-    """llama-server on a free port: 2 threads, 32 slots (continuous batching), room for a 2048-token prompt each."""
+    """llama-server on a free port: 2 threads, 32 slots with continuous batching (its default) over one
+    shared KV pool of 32 x 2304 tokens (-kvu), as pdserve's workers share theirs."""
 
     name = "llama-server"
 
@@ -116,7 +117,7 @@ class LlamaServerConfig:
             port = s.getsockname()[1]
         slots, per_slot = THROUGHPUT_CONCURRENCY, 2304
         cmd = [self.binary, "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-tb", "2",
-               "-np", str(slots), "-c", str(slots * per_slot), "-cb", "--no-webui"]
+               "-np", str(slots), "-c", str(slots * per_slot), "-kvu"]
         with open(self.log_path, "a") as log_file:
             self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"

@@ -46,7 +46,9 @@ class LlamaServerBackend:
     """llama.cpp's llama-server: /completion for token-id prompts, /v1/chat/completions for chats.
 
     Streams server-sent events over HTTP/1.1 (one connection per request, as a
-    load generator with many clients would hold them); one event per token.
+    load generator with many clients would hold them). An event usually carries one
+    token, but a token ending inside a UTF-8 character comes with the next event:
+    /completion's running `tokens_predicted` gives the exact count.
     """
 
     def __init__(self, url: str, *, name: str = "llama-server", timeout_s: float = 600.0) -> None:
@@ -66,24 +68,23 @@ class LlamaServerBackend:
         else:
             path, payload = "/completion", {"prompt": list(request.prompt_token_ids or ()),
                                             "n_predict": request.max_tokens, **common}
+        predicted = 0
         async with asyncio.timeout(self.timeout_s):
             async for event in _post_sse(self.host, self.port, path, payload):
-                n = _tokens_in(event)
-                if n:
+                if "tokens_predicted" in event:
+                    n, predicted = event["tokens_predicted"] - predicted, event["tokens_predicted"]
+                else:
+                    n = _chat_tokens_in(event)
+                if n > 0:
                     yield n
 
     async def close(self) -> None:
         pass
 
 
-def _tokens_in(event: dict) -> int:
-    """Output tokens an event carries: its token ids when given, else one per non-empty text piece."""
-    if "choices" in event:  # OpenAI-style chat chunk
-        choices = event["choices"]
-        return sum(1 for c in choices if (c.get("delta") or {}).get("content"))
-    if event.get("tokens"):
-        return len(event["tokens"])
-    return 1 if event.get("content") else 0
+def _chat_tokens_in(event: dict) -> int:
+    """Tokens of an OpenAI-style chat chunk: one per content delta (the API gives no count)."""
+    return sum(1 for c in event.get("choices", ()) if (c.get("delta") or {}).get("content"))
 
 
 async def _post_sse(host: str, port: int, path: str, payload: dict) -> AsyncIterator[dict]:
@@ -111,6 +112,8 @@ async def _post_sse(host: str, port: int, path: str, payload: dict) -> AsyncIter
             if data == "[DONE]":
                 return
             event = json.loads(data)
+            if event is None:  # llama-server opens some streams with `data: null`
+                continue
             if "error" in event:
                 raise RuntimeError(f"{path}: {event['error']}")
             yield event

@@ -166,3 +166,35 @@ def test_time_limit_fails_what_is_left_instead_of_hanging():
     records = asyncio.run(runner.run(server, requests, Arrivals(concurrency=3), progress=False, time_limit_s=0.3))
     assert [r.ok for r in records] == [True, False, True]
     assert "time limit" in records[1].error
+
+
+def test_llama_server_backend_counts_tokens_from_a_chunked_event_stream():
+    from pdserve.bench.backends import LlamaServerBackend
+
+    events = [None, {"content": "a", "tokens": [5], "tokens_predicted": 1, "stop": False},
+              {"content": "\u00e9", "tokens": [7], "tokens_predicted": 3, "stop": False},  # two tokens, one event
+              {"content": "", "tokens": [], "tokens_predicted": 3, "stop": True}]
+    seen: list[dict] = []
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1])
+        seen.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for e in events:
+            body = f"data: {json.dumps(e)}\n\n".encode()
+            writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        backend = LlamaServerBackend(f"http://127.0.0.1:{port}")
+        counts = [n async for n in backend.stream(BenchRequest(0, 3, prompt_token_ids=(1, 2, 3)))]
+        server.close()
+        return counts
+
+    assert asyncio.run(main()) == [1, 2]
+    assert seen[0]["prompt"] == [1, 2, 3] and seen[0]["n_predict"] == 3 and seen[0]["ignore_eos"] is True
