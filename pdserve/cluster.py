@@ -41,6 +41,7 @@ class Child:
     env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
     address: str = ""
+    metrics_port: int | None = None  # when started with --metrics-port
     log_lines: list[str] = field(default_factory=list)
 
     def start(self, log_file) -> None:
@@ -67,6 +68,7 @@ class Child:
             raise FatalError(f"{self.role} did not become ready within {timeout:.0f} s "
                              f"(exit code {self.process.poll()})")
         self.address = result["address"]
+        self.metrics_port = result.get("metrics_port")
         return self.address
 
     def stop(self, grace_s: float) -> None:
@@ -90,7 +92,7 @@ class ClusterSpec:
     router_listen: str = "127.0.0.1:0"
     kv_cache_gib: float | None = None  # per worker; None: split a share of free memory
     heartbeat_s: float = 1.0
-    # Extra flags per role, e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
+    # Extra flags per role ("prefill", "decode", "router"), e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     # Extra environment per worker index (prefill first), e.g. fault injection.
     worker_env: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -114,7 +116,7 @@ class LocalCluster:
         self._log = open(spec.log_path, "a") if spec.log_path else subprocess.DEVNULL
         try:
             self.router = Child("router", ["--listen", spec.router_listen, "--heartbeat-s", str(spec.heartbeat_s),
-                                           "--grace-s", "5"])
+                                           "--grace-s", "5", *spec.extra_args.get("router", [])])
             self.router.start(self._log)
             self.router.wait_ready(30)
             roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode

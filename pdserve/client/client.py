@@ -34,6 +34,7 @@ from pdserve.client.convert import (
 )
 from pdserve.client.types import Completion, Delta, GenerationResult, WorkerInfo, WorkerStats
 from pdserve.errors import FatalError
+from pdserve.observability.tracing import inject_metadata
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
 
@@ -158,7 +159,8 @@ class Client:
                                    prompt_token_ids=prompt_token_ids, sampling=sampling,
                                    request_id=request_id)
         stub = self._router if self.service == "router" else self._decode
-        call = stub.Generate(request, timeout=deadline(timeout, self._timeout))
+        # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
+        call = stub.Generate(request, timeout=deadline(timeout, self._timeout), metadata=inject_metadata())
         return GenerateStream(call)
 
     def complete(

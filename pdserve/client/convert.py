@@ -228,4 +228,8 @@ def _load_from_pb(pb: common_pb2.WorkerLoad) -> WorkerLoad:
             num_cached=kv.num_cached,
             prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
         ),
+        output_tokens_per_s=pb.output_tokens_per_s,
+        prefill_tokens_per_s=pb.prefill_tokens_per_s,
+        p99_ttft_ms=pb.p99_ttft_ms,
+        p99_itl_ms=pb.p99_itl_ms,
     )

@@ -130,6 +130,11 @@ class WorkerLoad:
     num_waiting_requests: int
     num_pending_prefill_tokens: int
     kv: KVStats
+    # Over the worker's last 60 s (0 without a sample): tokens per second, p99 latencies.
+    output_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    p99_ttft_ms: float = 0.0
+    p99_itl_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []
         self.num_steps = 0
         self.kv_export_sink: KVExportSink | None = None
+        self.last_step_tokens = 0  # tokens the last step computed (batch fill = this / the budget)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -154,6 +155,7 @@ class LLMEngine:
 
     def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = sum(s.num_new_tokens for s in sched.scheduled)
         if sched.scheduled:
             now = time.monotonic()
             for s in sched.scheduled:

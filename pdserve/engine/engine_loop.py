@@ -44,6 +44,8 @@ class EngineLoop:
         self.engine = engine
         self.layer_hook = layer_hook
         self.nice = nice
+        # Called on the engine thread after every step (e.g. to publish the state metrics read).
+        self.on_step: Callable[[LLMEngine], None] | None = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
@@ -130,10 +132,18 @@ class EngineLoop:
                     return
                 if self.engine.has_work():
                     self._dispatch(self.engine.step(self.layer_hook))
+                    if self.on_step is not None:
+                        self._run_on_step()
         except BaseException as exc:  # the engine is broken: fail every request, loudly
             log.exception("engine thread died")
             self._failed = exc
             self._fail_all(exc)
+
+    def _run_on_step(self) -> None:
+        try:
+            self.on_step(self.engine)
+        except Exception:  # an observer must not take the engine down
+            log.exception("on_step callback failed")
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands; wait for one first if block. False on stop."""

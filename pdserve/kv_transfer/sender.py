@@ -40,15 +40,15 @@ class KVSender:
         self.chunk_tokens = geometry.chunk_tokens(max_chunk_bytes)
         self._loop = loop
         self._queue = queue
-        self._next_seq = 0
+        self.num_chunks = 0  # chunks posted so far; the next one's sequence number
         self.num_bytes = 0
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Engine thread: k, v [Hkv, T, D] of positions [start, start + T) of one layer."""
         for lo in range(0, k.shape[1], self.chunk_tokens):
             hi = min(lo + self.chunk_tokens, k.shape[1])
-            chunk = KVChunkData(self.request_id, self._next_seq, layer, start + lo, start + hi,
+            chunk = KVChunkData(self.request_id, self.num_chunks, layer, start + lo, start + hi,
                                 k[:, lo:hi].cpu(), v[:, lo:hi].cpu())
-            self._next_seq += 1
+            self.num_chunks += 1
             self.num_bytes += chunk.num_bytes
             self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)

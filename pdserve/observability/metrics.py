@@ -35,7 +35,9 @@ left None is not exported):
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -45,7 +47,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
-__all__ = ["ROLES", "Metrics", "WorkerState", "start_metrics"]
+__all__ = ["ROLES", "Metrics", "Recent", "RecentWindow", "WorkerState", "start_metrics"]
 
 log = logging.getLogger("pdserve.metrics")
 
@@ -126,6 +128,46 @@ class _StateSnapshot:
         return []
 
 
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """The last RecentWindow.window_s seconds at a glance (workers report it for `pdserve top`)."""
+
+    output_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    p99_ttft_ms: float = 0.0
+    p99_itl_ms: float = 0.0
+
+
+class RecentWindow:
+    """Token counts and latencies of the last `window_s` seconds; thread-safe, bounded."""
+
+    def __init__(self, window_s: float = 60.0, max_samples: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._started = clock()
+        self._lock = threading.Lock()
+        self._series: dict[str, deque[tuple[float, float]]] = {
+            name: deque(maxlen=max_samples) for name in ("output", "prefill", "ttft", "itl")}
+
+    def add(self, series: str, value: float) -> None:
+        with self._lock:
+            self._series[series].append((self._clock(), value))
+
+    def summary(self) -> Recent:
+        now = self._clock()
+        with self._lock:
+            values = {}
+            for name, samples in self._series.items():
+                while samples and samples[0][0] < now - self.window_s:
+                    samples.popleft()
+                values[name] = [v for _, v in samples]
+        span = max(1e-9, min(self.window_s, now - self._started))
+        p99 = lambda xs: float(sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]) * 1e3 if xs else 0.0  # noqa: E731
+        return Recent(sum(values["output"]) / span, sum(values["prefill"]) / span, p99(values["ttft"]),
+                      p99(values["itl"]))
+
+
 class Metrics:
     """The instruments of one daemon; see the module docstring for the exposed names."""
 
@@ -142,6 +184,7 @@ class Metrics:
         self._provider = MeterProvider(metric_readers=[reader], resource=Resource({"service.name": f"pdserve-{role}"}))
         self._http: object | None = None
         self._closed = False
+        self.recent = RecentWindow()
         self._create_instruments()
 
     def _create_instruments(self) -> None:
@@ -187,15 +230,22 @@ class Metrics:
             self._e2e.record(e2e_s, self._attrs)
         if ttft_s is not None:
             self._ttft.record(ttft_s, self._attrs)
+            self.recent.add("ttft", ttft_s)
         if queue_s is not None:
             self._queue.record(queue_s, self._attrs)
         if num_prompt_tokens:
             self._prompt_tokens.add(num_prompt_tokens, self._attrs)
         if num_output_tokens:
             self._output_tokens.add(num_output_tokens, self._attrs)
+            self.recent.add("output", num_output_tokens)
+
+    def record_prefill(self, num_tokens: int) -> None:
+        """Prompt tokens this daemon prefilled (for the recent prefill rate)."""
+        self.recent.add("prefill", num_tokens)
 
     def record_itl(self, seconds: float) -> None:
         self._itl.record(seconds, self._attrs)
+        self.recent.add("itl", seconds)
 
     def record_queue(self, seconds: float) -> None:
         """Queue time of a request that is not finished here (e.g. prefill's queue on decode)."""

@@ -68,6 +68,12 @@ class Load:
     kv_num_free: int = 0  # includes cached blocks nobody holds, which are reusable
     kv_num_cached: int = 0
     kv_block_size: int = 0
+    # Reported for display (`pdserve top`), not used for placement.
+    kv_prefix_hit_rate: float = 0.0
+    output_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    p99_ttft_ms: float = 0.0
+    p99_itl_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

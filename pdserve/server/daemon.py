@@ -23,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.allocator import tune_malloc
+from pdserve.observability import tracing
+from pdserve.observability.metrics import Metrics
 from pdserve.server.malformed import MalformedRequestInterceptor
 
 log = logging.getLogger("pdserve")
@@ -83,8 +85,9 @@ def channel(address: str) -> grpc.aio.Channel:
 class Daemon:
     """A grpc.aio server with health and reflection, and its graceful stop."""
 
-    def __init__(self, role: str, listen: str, grace_s: float = 30.0) -> None:
+    def __init__(self, role: str, listen: str, grace_s: float = 30.0, metrics: Metrics | None = None) -> None:
         self.role = role
+        self.metrics = metrics
         self.listen = listen
         self.grace_s = grace_s
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequestInterceptor()])
@@ -109,8 +112,10 @@ class Daemon:
         await self.server.start()
         for name in ["", *names]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
-        print(json.dumps({"ready": True, "role": self.role, "address": self.address, "pid": os.getpid()}),
-              flush=True)
+        ready = {"ready": True, "role": self.role, "address": self.address, "pid": os.getpid()}
+        if self.metrics is not None and self.metrics.port is not None:
+            ready["metrics_port"] = self.metrics.port
+        print(json.dumps(ready), flush=True)
         log.info("%s serving on %s", self.role, self.address)
         return self.address
 
@@ -134,6 +139,9 @@ class Daemon:
             except Exception:  # the router may be gone; draining goes on
                 log.warning("drain hook failed", exc_info=True)
         await self.server.stop(self.grace_s)
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        tracing.shutdown_tracing()  # flushes the exporters
         log.info("%s stopped after %.1f s", self.role, time.monotonic() - started)
 
 

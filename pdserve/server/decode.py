@@ -30,10 +30,12 @@ import grpc
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import CapacityError, IncompatibleError, KVTransferError, PdserveError
+from pdserve.errors import CapacityError, DeadlineError, IncompatibleError, KVTransferError, PdserveError
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
-from pdserve.server import daemon, wire
+from pdserve.observability import tracing
+from pdserve.observability.tracing import Attr, SpanName
+from pdserve.server import daemon, observe, wire
 from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with, error_from_status
 from pdserve.server.prefill import SERVICE_NAME as PREFILL_SERVICE
@@ -82,9 +84,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return await self.worker.stats_response()
 
     async def Generate(self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request.request_id or uuid.uuid4().hex
+        attrs = {Attr.REQUEST_ID: rid, Attr.WORKER_ID: self.worker.worker_id,
+                 Attr.REQUEST_MAX_TOKENS: request.request.sampling_params.max_tokens or None}
+        with observe.server_span(SpanName.DECODE_REQUEST, context, attrs):
+            async for response in self._generate(rid, request, context):
+                yield response
+
+    async def _generate(self, rid: str, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         w = self.worker
-        rid = request.request.request_id or uuid.uuid4().hex
+        metrics = w.metrics
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)  # noqa: E731
@@ -101,23 +111,60 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 await asyncio.wrap_future(w.loop.submit(rid, prompt, params, sink, generated or None))
             index = len(generated)
             ttft_ms = None
+            decode_start_ns, last_token = time.time_ns(), 0.0
             while not finished:
                 out = await queue.get()
                 finished = out.finished
                 if out.error is not None:
                     raise out.error
                 if out.token_ids or out.text:
+                    now = time.monotonic()
                     if ttft_ms is None:
-                        ttft_ms = (time.monotonic() - started) * 1e3
+                        ttft_ms = (now - started) * 1e3
+                    else:
+                        metrics.record_itl(now - last_token)
+                    last_token = now
                     yield wire.delta_to_pb(out, index)
                     index += len(out.token_ids)
                 if finished:
+                    self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
                     yield self._result(rid, out, attempt, remote, started, ttft_ms)
         except PdserveError as exc:
+            tracing.set_error(exc)
+            metrics.record_request("error", observe.status_name(exc))
+            if isinstance(exc, DeadlineError):
+                metrics.inc_decode_timeout()
             await abort_with(context, exc)
         finally:
             if not finished:
                 w.loop.abort(rid)
+
+    def _observe_finished(self, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
+                          ttft_ms: float | None, decode_start_ns: int) -> None:
+        """Metrics and span attributes of a finished request: once per request, never per token."""
+        m = self.worker.metrics
+        m.record_request(out.finish_reason or "unknown", "OK", e2e_s=time.monotonic() - started,
+                         ttft_s=ttft_ms / 1e3 if ttft_ms is not None else None, queue_s=out.queue_s,
+                         num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens)
+        m.inc_preemptions(out.num_preemptions)
+        if remote:
+            m.record_kv_transfer(attempt.kv_transfer_ms / 1e3, attempt.kv_bytes)
+        else:
+            m.record_prefill(out.num_prompt_tokens - out.num_cached_tokens)
+        if not tracing.enabled():
+            return
+        tracing.set_attributes({
+            Attr.PREFILL_MODE: "remote" if remote else "local", Attr.USAGE_INPUT_TOKENS: out.num_prompt_tokens,
+            Attr.USAGE_OUTPUT_TOKENS: out.num_output_tokens, Attr.RESPONSE_FINISH_REASONS: [out.finish_reason or ""],
+            Attr.NUM_CACHED_TOKENS: out.num_cached_tokens, Attr.NUM_PREEMPTIONS: out.num_preemptions,
+            Attr.KV_RETRIES: max(0, attempt.num_attempts - 1)})
+        if not remote and out.queue_s:
+            queue_ns = int(out.queue_s * 1e9)
+            tracing.record_span(SpanName.DECODE_QUEUE, decode_start_ns, decode_start_ns + queue_ns)
+            decode_start_ns += queue_ns
+        tracing.record_span(SpanName.DECODE, decode_start_ns, time.time_ns(), {
+            Attr.USAGE_OUTPUT_TOKENS: out.num_output_tokens, Attr.NUM_PREEMPTIONS: out.num_preemptions,
+            Attr.RESPONSE_FINISH_REASONS: [out.finish_reason or ""]})
 
     # -- remote prefill -------------------------------------------------------------
 
@@ -142,21 +189,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             except (KVTransferError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
                 reason = _describe(exc)
                 attempt.errors.append(f"{candidate.address}: {reason}")
+                self.worker.metrics.inc_kv_retry()
+                last = i + 1 == len(request.prefill_candidates)
+                tracing.add_event("kv_transfer.retry", {Attr.KV_PEER: candidate.address, "pdserve.reason": reason,
+                                                        "pdserve.next": "local prefill" if last else "next candidate"})
                 log.warning("request %s: prefill from %s failed (%s); %s", rid, candidate.address, reason,
-                            "trying the next candidate" if i + 1 < len(request.prefill_candidates)
-                            else "prefilling locally")
+                            "prefilling locally" if last else "trying the next candidate")
                 # Drop whatever KV arrived; its blocks are freed before the next attempt's reservation.
                 w.loop.abort(rid)
         attempt.prefill_worker_id = w.worker_id
         return False
 
     async def _pull(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
+        with tracing.span(SpanName.KV_RECEIVE, {Attr.REQUEST_ID: rid, Attr.KV_PEER: address},
+                          kind=tracing.SpanKind.CLIENT):
+            await self._receive(rid, gen_request, params, address, sink, attempt, context)
+
+    async def _receive(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
         w = self.worker
         stall = self.options.kv_stall_timeout_s
         request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id)
         request.request.request_id = rid
         remaining = context.time_remaining()
-        call = self._stub(address).Prefill(request, timeout=remaining)
+        call = self._stub(address).Prefill(request, timeout=remaining, metadata=tracing.inject_metadata())
         receiver = KVReceiver(rid, None, w.fingerprint, w.geometry, w.engine.dtype)
         stream = call.__aiter__()
         writes = []
@@ -180,6 +235,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     attempt.kv_bytes = receiver.header.num_kv_bytes
                     attempt.kv_transfer_ms = (time.monotonic() - header_at) * 1e3
                     attempt.prefill_ms = msg.first_token.timings.prefill_ms
+                    tracing.set_attributes({Attr.KV_BYTES: attempt.kv_bytes, Attr.KV_CHUNKS: len(writes)})
                     token = msg.first_token.token_id
                     await asyncio.wrap_future(w.loop.call(lambda e: self._complete(e, rid, token, sink)))
                     return

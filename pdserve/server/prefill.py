@@ -27,7 +27,9 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.errors import FatalError, PdserveError
 from pdserve.kv_transfer.protocol import WIRE_VERSION
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
-from pdserve.server import daemon, wire
+from pdserve.observability import tracing
+from pdserve.observability.tracing import Attr, SpanName
+from pdserve.server import daemon, observe, wire
 from pdserve.server.faults import FaultInjector
 from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with
@@ -53,14 +55,37 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return await self.worker.stats_response()
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        rid = request.request.request_id or uuid.uuid4().hex
+        with observe.server_span(SpanName.PREFILL_REQUEST, context, {Attr.REQUEST_ID: rid,
+                                                                     Attr.WORKER_ID: self.worker.worker_id}):
+            async for response in self._prefill(rid, request, context):
+                yield response
+
+    def _preprocess(self, rid: str, request: prefill_pb2.PrefillRequest):
+        """Sampling parameters and prompt token ids, checked against the context; in its own span."""
+        w = self.worker
+        cache = w.preprocessor.cache
+        hits = cache.num_hits
+        with tracing.span(SpanName.PREPROCESS, {Attr.PREPROCESS_TEMPLATE: request.request.HasField("messages")}):
+            try:
+                params = wire.sampling_from_pb(request.request.sampling_params)
+                prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
+                w.engine.validate_prompt(prompt, params, request_id=rid)
+            except PdserveError:
+                w.metrics.inc_preprocessing_failure()
+                raise
+            tracing.set_attributes({Attr.PREPROCESS_CACHE_HIT: cache.num_hits > hits,
+                                    Attr.USAGE_INPUT_TOKENS: len(prompt)})
+        return params, prompt
+
+    async def _prefill(self, rid: str, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         w = self.worker
-        rid = request.request.request_id or uuid.uuid4().hex
         try:
-            params = wire.sampling_from_pb(request.request.sampling_params)
-            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
-            w.engine.validate_prompt(prompt, params, request_id=rid)
+            params, prompt = self._preprocess(rid, request)
         except PdserveError as exc:
+            tracing.set_error(exc)
+            w.metrics.record_request("error", observe.status_name(exc))
             await abort_with(context, exc)
         yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
         queue: asyncio.Queue = asyncio.Queue()
@@ -78,6 +103,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         finished = False
         first_sent: float | None = None  # when the first and the last KV chunk were sent
         last_sent = 0.0
+        submitted_ns = time.time_ns()
         try:
             await asyncio.wrap_future(w.loop.call(submit))
             while True:
@@ -93,18 +119,39 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     raise item.error or FatalError("prefill aborted", request_id=rid)
                 first = self._first_token(rid, item, started)
                 first.timings.kv_send_ms = (last_sent - first_sent) * 1e3 if first_sent else 0.0
+                self._observe_finished(item, sender, submitted_ns, first.timings.kv_send_ms, started)
                 yield prefill_pb2.PrefillResponse(first_token=first)
                 daemon.log_request(role="prefill", request_id=rid, prompt_tokens=len(prompt),
                                    cached_tokens=item.num_cached_tokens, kv_bytes=sender.num_bytes,
                                    ms=round((time.monotonic() - started) * 1e3, 1))
                 return
         except PdserveError as exc:
+            tracing.set_error(exc)
+            w.metrics.record_request("error", observe.status_name(exc))
             await abort_with(context, exc)
         finally:
             w.pending_prefill_tokens -= len(prompt)
             w.loop.call(lambda engine: self._senders.pop(rid, None))
             if not finished:
                 w.loop.abort(rid)
+
+    def _observe_finished(self, out: RequestOutput, sender: KVSender, submitted_ns: int, kv_send_ms: float,
+                          started: float) -> None:
+        """Metrics and spans of a prefill done (first token sampled, KV sent): once per request."""
+        total_s = time.monotonic() - started
+        self.worker.metrics.record_request("prefilled", "OK", e2e_s=total_s, ttft_s=total_s, queue_s=out.queue_s,
+                                           num_prompt_tokens=out.num_prompt_tokens)
+        self.worker.metrics.record_kv_transfer(kv_send_ms / 1e3, sender.num_bytes)
+        self.worker.metrics.record_prefill(out.num_prompt_tokens - out.num_cached_tokens)
+        if not tracing.enabled():
+            return
+        now_ns = time.time_ns()
+        queued_ns = submitted_ns + int((out.queue_s or 0.0) * 1e9)
+        tracing.record_span(SpanName.PREFILL_QUEUE, submitted_ns, queued_ns)
+        tracing.record_span(SpanName.PREFILL_COMPUTE, queued_ns, now_ns, {
+            Attr.USAGE_INPUT_TOKENS: out.num_prompt_tokens, Attr.NUM_CACHED_TOKENS: out.num_cached_tokens})
+        tracing.record_span(SpanName.KV_SEND, now_ns - int(kv_send_ms * 1e6), now_ns, {
+            Attr.KV_BYTES: sender.num_bytes, Attr.KV_CHUNKS: sender.num_chunks})
 
     def _header(self, rid: str, prompt: list[int]) -> prefill_pb2.KVHeader:
         w = self.worker

@@ -27,7 +27,10 @@ import grpc
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.router.placement import Placement, Placer
 from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
-from pdserve.server import daemon, wire
+from pdserve.observability import tracing
+from pdserve.observability.metrics import Metrics
+from pdserve.observability.tracing import Attr, SpanName
+from pdserve.server import daemon, observe, wire
 from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -46,20 +49,27 @@ _HEALTH_PB = {Health.HEALTHY: router_pb2.WORKER_HEALTH_HEALTHY, Health.DRAINING:
 def load_from_pb(pb: common_pb2.WorkerLoad) -> Load:
     return Load(num_running=pb.num_running_requests, num_waiting=pb.num_waiting_requests,
                 num_pending_prefill_tokens=pb.num_pending_prefill_tokens, kv_num_total=pb.kv.num_total,
-                kv_num_free=pb.kv.num_free, kv_num_cached=pb.kv.num_cached, kv_block_size=pb.kv.block_size)
+                kv_num_free=pb.kv.num_free, kv_num_cached=pb.kv.num_cached, kv_block_size=pb.kv.block_size,
+                kv_prefix_hit_rate=pb.kv.prefix_cache_hit_rate, output_tokens_per_s=pb.output_tokens_per_s,
+                prefill_tokens_per_s=pb.prefill_tokens_per_s, p99_ttft_ms=pb.p99_ttft_ms, p99_itl_ms=pb.p99_itl_ms)
 
 
 def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
     kv = common_pb2.KVStats(block_size=load.kv_block_size, num_total=load.kv_num_total, num_free=load.kv_num_free,
-                            num_used=load.kv_num_total - load.kv_num_free, num_cached=load.kv_num_cached)
+                            num_used=load.kv_num_total - load.kv_num_free, num_cached=load.kv_num_cached,
+                            prefix_cache_hit_rate=load.kv_prefix_hit_rate)
     return common_pb2.WorkerLoad(num_running_requests=load.num_running, num_waiting_requests=load.num_waiting,
-                                 num_pending_prefill_tokens=load.num_pending_prefill_tokens, kv=kv)
+                                 num_pending_prefill_tokens=load.num_pending_prefill_tokens, kv=kv,
+                                 output_tokens_per_s=load.output_tokens_per_s,
+                                 prefill_tokens_per_s=load.prefill_tokens_per_s, p99_ttft_ms=load.p99_ttft_ms,
+                                 p99_itl_ms=load.p99_itl_ms)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, registry: Registry, placer: Placer) -> None:
+    def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None) -> None:
         self.registry = registry
         self.placer = placer
+        self.metrics = metrics or Metrics("router")
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
         self._fingerprints: dict[str, common_pb2.ModelFingerprint] = {}
         self._versions: dict[str, str] = {}
@@ -106,18 +116,28 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         request.request_id = request.request_id or uuid.uuid4().hex
+        attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
+                 Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
+        with observe.server_span(SpanName.ROUTER_REQUEST, context, attrs):
+            try:
+                async for response in self._generate(request, context, started):
+                    yield response
+            except PdserveError as exc:
+                tracing.set_error(exc)
+                self.metrics.record_request("error", observe.status_name(exc))
+                await abort_with(context, exc)
+
+    async def _generate(self, request: common_pb2.GenerateRequest, context, started: float):
+        """The responses of the decode worker that serves the request; raises PdserveError when none does."""
         rid = request.request_id
-        try:
-            wire.sampling_from_pb(request.sampling_params)
-            if request.WhichOneof("input") is None:
-                raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
-        except PdserveError as exc:
-            await abort_with(context, exc)
+        wire.sampling_from_pb(request.sampling_params)
+        if request.WhichOneof("input") is None:
+            raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
         excluded: set[str] = set()
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
-        for _ in range(MAX_PLACEMENTS):
+        for attempt in range(MAX_PLACEMENTS):
             try:
-                placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded)
+                placement = self._place(request, excluded, attempt)
             except PdserveError:
                 break
             queue_ms = (time.monotonic() - started) * 1e3
@@ -127,10 +147,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self._begin(placement)
             try:
                 call = self._decode_stub(placement.decode.address).Generate(
-                    _decode_request(request, placement), timeout=context.time_remaining())
+                    _decode_request(request, placement), timeout=context.time_remaining(),
+                    metadata=tracing.inject_metadata())
                 async for response in call:
                     if response.WhichOneof("kind") == "result":
                         _stamp(response.result, started, queue_ms, first_ms)
+                        self._observe_finished(response.result, started, first_ms)
                     elif not sent_any:
                         first_ms = (time.monotonic() - started) * 1e3
                     sent_any = True
@@ -139,15 +161,35 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             except grpc.aio.AioRpcError as exc:
                 last_error = error_from_status(exc.code(), exc.details() or "")
                 if sent_any or exc.code() not in _RETRYABLE:
-                    await abort_with(context, last_error)
+                    raise last_error from None
                 self._on_decode_failure(placement, exc)
                 excluded.add(placement.decode.worker_id)
             finally:
                 self._finish(placement)
-        await abort_with(context, last_error)
+        raise last_error
+
+    def _place(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int) -> Placement:
+        with tracing.span(SpanName.PLACEMENT, {Attr.PLACEMENT_ATTEMPT: attempt}):
+            placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded)
+            tracing.set_attributes({
+                Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id, Attr.PLACEMENT_REASON: placement.reason,
+                Attr.PLACEMENT_PREFILL_CANDIDATES: [w.worker_id for w in placement.prefills]})
+            return placement
+
+    def _observe_finished(self, result: common_pb2.GenerateResult, started: float, first_ms: float) -> None:
+        finish = common_pb2.FinishReason.Name(result.finish_reason).removeprefix("FINISH_REASON_").lower()
+        self.metrics.record_request(finish, "OK", e2e_s=time.monotonic() - started,
+                                    ttft_s=first_ms / 1e3 if first_ms else None,
+                                    num_prompt_tokens=result.usage.prompt_tokens,
+                                    num_output_tokens=result.usage.completion_tokens)
+        tracing.set_attributes({Attr.USAGE_INPUT_TOKENS: result.usage.prompt_tokens,
+                                Attr.USAGE_OUTPUT_TOKENS: result.usage.completion_tokens,
+                                Attr.RESPONSE_FINISH_REASONS: [finish]})
 
     def _on_decode_failure(self, placement: Placement, exc: grpc.aio.AioRpcError) -> None:
         decode = placement.decode
+        tracing.add_event("placement.retry", {Attr.PLACEMENT_DECODE_WORKER: decode.worker_id,
+                                              "pdserve.status_code": exc.code().name})
         log.warning("decode %s failed before the first token (%s: %s); placing elsewhere",
                     decode.worker_id, exc.code().name, exc.details())
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -205,6 +247,10 @@ def _stamp(result: common_pb2.GenerateResult, started: float, queue_ms: float, f
         result.timings.time_to_first_token_ms = first_ms
 
 
+def _operation(request: common_pb2.GenerateRequest) -> str:
+    return "chat" if request.WhichOneof("input") == "messages" else "text_completion"
+
+
 def _estimate_tokens(request: common_pb2.GenerateRequest) -> int:
     kind = request.WhichOneof("input")
     if kind == "prompt_token_ids":
@@ -222,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
     p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
     p.add_argument("--grace-s", type=float, default=30.0)
+    observe.add_args(p)
     return p
 
 
@@ -231,8 +278,9 @@ async def serve(args: argparse.Namespace) -> None:
         registry.add_static(Role.PREFILL, address)
     for address in args.decode_addr:
         registry.add_static(Role.DECODE, address)
-    servicer = RouterServicer(registry, Placer(registry))
-    d = daemon.Daemon("router", args.listen, args.grace_s)
+    metrics = observe.start("router", args.metrics_port)
+    servicer = RouterServicer(registry, Placer(registry), metrics)
+    d = daemon.Daemon("router", args.listen, args.grace_s, metrics)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, d.server)
     await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])
     task = asyncio.create_task(servicer.maintain())

@@ -23,9 +23,9 @@ from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.kv_transfer.protocol import KVGeometry
+from pdserve.observability.metrics import Metrics, WorkerState
 from pdserve.preprocess import Preprocessor
-from pdserve.server import wire
-from pdserve.server import daemon
+from pdserve.server import daemon, observe, wire
 from pdserve.server.daemon import channel
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -48,6 +48,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    observe.add_args(p)
     p.add_argument("--engine-nice", type=int, default=10,
                    help="OS priority of the compute threads below the I/O thread (0: equal)")
 
@@ -61,15 +62,27 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def role_name(role: int) -> str:
+    """"prefill" or "decode" for a WorkerRole value."""
+    return common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
+
+
 class Worker:
     """The engine thread and everything a servicer needs to know about this worker."""
 
-    def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None, engine_nice: int = 0) -> None:
+    def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None, engine_nice: int = 0,
+                 metrics: Metrics | None = None) -> None:
         self.role = role
+        self.role_name = role_name(role)
         self.engine = engine
-        self.loop = EngineLoop(engine, nice=engine_nice).start()
         self.preprocessor = Preprocessor(engine.tokenizer)
-        self.worker_id = worker_id or f"{common_pb2.WorkerRole.Name(role).split('_')[-1].lower()}-{uuid.uuid4().hex[:8]}"
+        self.metrics = metrics or Metrics(self.role_name)
+        self._state = WorkerState()
+        self.metrics.set_state_callback(lambda: self._state)
+        self.loop = EngineLoop(engine, nice=engine_nice)
+        self.loop.on_step = self._publish_state
+        self.loop.start()
+        self.worker_id = worker_id or f"{self.role_name}-{uuid.uuid4().hex[:8]}"
         fp = engine.loaded.fingerprint
         self.fingerprint_pb = wire.fingerprint_to_pb(fp)
         self.fingerprint = wire.fingerprint_str(self.fingerprint_pb)
@@ -88,8 +101,27 @@ class Worker:
         kv = common_pb2.KVStats(block_size=self.engine.kv.block_size, num_total=stats.num_total,
                                 num_free=stats.num_free, num_used=stats.num_used, num_cached=stats.num_cached,
                                 prefix_cache_hit_rate=stats.prefix_hit_rate)
+        recent = self.metrics.recent.summary()
         return common_pb2.WorkerLoad(num_running_requests=running, num_waiting_requests=waiting,
-                                     num_pending_prefill_tokens=self.pending_prefill_tokens, kv=kv)
+                                     num_pending_prefill_tokens=self.pending_prefill_tokens, kv=kv,
+                                     output_tokens_per_s=recent.output_tokens_per_s,
+                                     prefill_tokens_per_s=recent.prefill_tokens_per_s,
+                                     p99_ttft_ms=recent.p99_ttft_ms, p99_itl_ms=recent.p99_itl_ms)
+
+    def _publish_state(self, engine: LLMEngine) -> None:
+        """Engine thread, after each step: the state the metrics endpoint reads (one reference swap)."""
+        stats, s = engine.stats(), engine.scheduler
+        slots = stats.num_used * engine.kv.block_size
+        # Allocated slots that hold no token: the tail of each sequence's last block (shared
+        # prefix blocks count once per sequence, hence the clamp).
+        tokens = sum(seq.num_computed_tokens for seq in s.running)
+        self._state = WorkerState(
+            kv_blocks_total=stats.num_total, kv_blocks_used=stats.num_used, kv_blocks_cached=stats.num_cached,
+            kv_fragmentation=max(0.0, 1.0 - tokens / slots) if slots else 0.0,
+            prefix_cache_hit_rate=stats.prefix_hit_rate,
+            preprocess_cache_hit_rate=self.preprocessor.cache.hit_rate,
+            batch_fill_rate=engine.last_step_tokens / engine.config.scheduler.max_num_batched_tokens,
+            num_running=len(s.running) + len(s.remote), num_waiting=len(s.waiting))
 
     async def stats_response(self) -> common_pb2.StatsResponse:
         return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=await self.load())
@@ -151,13 +183,14 @@ class RouterLink:
 def run_worker(args: argparse.Namespace, role: int, service_name: str,
                add_servicer: Callable[[Worker, object], None]) -> None:
     """A worker daemon's main: logging, process settings, engine, server, router link, drain."""
-    name = "prefill" if role == common_pb2.WORKER_ROLE_PREFILL else "decode"
+    name = role_name(role)
     daemon.setup_logging(f"{name}[{os.getpid()}]")
 
     async def serve() -> None:
         daemon.apply_process_settings(args.threads, args.cpus)
-        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice)
-        d = daemon.Daemon(name, args.listen, args.grace_s)
+        metrics = observe.start(name, args.metrics_port)
+        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics)
+        d = daemon.Daemon(name, args.listen, args.grace_s, metrics)
         add_servicer(worker, d.server)
         address = await d.start([service_name])
         if args.router:

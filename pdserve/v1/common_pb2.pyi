@@ -75,16 +75,24 @@ class KVStats(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_total: _Optional[int] = ..., num_free: _Optional[int] = ..., num_used: _Optional[int] = ..., num_cached: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_running_requests", "num_waiting_requests", "num_pending_prefill_tokens", "kv")
+    __slots__ = ("num_running_requests", "num_waiting_requests", "num_pending_prefill_tokens", "kv", "output_tokens_per_s", "prefill_tokens_per_s", "p99_ttft_ms", "p99_itl_ms")
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    P99_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_ITL_MS_FIELD_NUMBER: _ClassVar[int]
     num_running_requests: int
     num_waiting_requests: int
     num_pending_prefill_tokens: int
     kv: KVStats
-    def __init__(self, num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ..., kv: _Optional[_Union[KVStats, _Mapping]] = ...) -> None: ...
+    output_tokens_per_s: float
+    prefill_tokens_per_s: float
+    p99_ttft_ms: float
+    p99_itl_ms: float
+    def __init__(self, num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ..., kv: _Optional[_Union[KVStats, _Mapping]] = ..., output_tokens_per_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., p99_ttft_ms: _Optional[float] = ..., p99_itl_ms: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
