@@ -193,3 +193,21 @@ def test_no_port_means_no_server_thread():
 def test_unknown_role_is_rejected():
     with pytest.raises(ValueError, match="'worker' is not one of prefill, decode, router"):
         start_metrics("worker")
+
+
+def test_recent_window_rates_and_p99_forget_old_samples():
+    from pdserve.observability.metrics import RecentWindow
+
+    now = [0.0]
+    w = RecentWindow(window_s=10.0, clock=lambda: now[0])
+    now[0] = 20.0  # the worker has run longer than the window: rates are per window_s
+    for i in range(100):
+        w.add("itl", (i + 1) / 1000)  # 1..100 ms
+        w.add("output", 5)
+    w.add("ttft", 0.25)
+    w.add("prefill", 300)
+    s = w.summary()
+    assert s.output_tokens_per_s == 500 / 10.0 and s.prefill_tokens_per_s == 30.0
+    assert s.p99_itl_ms == 100.0 and s.p99_ttft_ms == 250.0
+    now[0] = 31.0  # every sample is now older than the window
+    assert w.summary() == type(s)()
