@@ -25,14 +25,14 @@ def bad_utf8_field(desc: pb_descriptor.Descriptor, data: bytes, prefix: str = ""
     """Path of the first string field of `data` (a `desc` message) that is not valid UTF-8."""
     pos = 0
     while pos < len(data):
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type == 0:
-            _, pos = _varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
         elif wire_type == 2:
-            size, pos = _varint(data, pos)
+            size, pos = read_varint(data, pos)
             value, pos = data[pos:pos + size], pos + size
             field = desc.fields_by_number.get(number)
             if field is None:
@@ -52,7 +52,8 @@ def bad_utf8_field(desc: pb_descriptor.Descriptor, data: bytes, prefix: str = ""
     return None
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The protobuf varint at data[pos:], and the position after it; DecodeError when truncated."""
     result = shift = 0
     while True:
         if pos >= len(data):

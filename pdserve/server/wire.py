@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from google.protobuf.message import DecodeError
 
 from pdserve.engine.model_loader import Fingerprint, ModelSpec
 from pdserve.engine.outputs import RequestOutput
@@ -12,6 +13,7 @@ from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer.sender import KVChunkData
 from pdserve.preprocess import ChatMessage, Preprocessor
+from pdserve.server.malformed import read_varint
 from pdserve.v1 import common_pb2, prefill_pb2
 
 FINISH_REASONS = {
@@ -151,34 +153,22 @@ _VIEW_FIELDS = {f.number: (f.name, _LEN if f.type in (f.TYPE_STRING, f.TYPE_BYTE
                 for f in _CHUNK_FIELDS.values()}
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while shift < 64:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("varint too long")
-
-
 def _chunk_view(data: bytes) -> KVChunkView | None:
     """The chunk of a serialized PrefillResponse{chunk}; None for anything else or anything unusual."""
     buf = memoryview(data)
     if not data.startswith(_CHUNK_KEY):
         return None
-    size, pos = _read_varint(buf, len(_CHUNK_KEY))
+    size, pos = read_varint(buf, len(_CHUNK_KEY))
     if pos + size != len(buf):
         return None
     values: dict = {name: memoryview(b"") if wire_type == _LEN else 0 for name, wire_type in _VIEW_FIELDS.values()}
     while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field = _VIEW_FIELDS.get(key >> 3)
         if field is None or field[1] != key & 7:
             return None  # unknown field or wire type: protobuf's parser decides
         name, wire_type = field
-        value, pos = _read_varint(buf, pos)
+        value, pos = read_varint(buf, pos)
         if wire_type == _LEN:
             if pos + value > len(buf):
                 return None
@@ -192,6 +182,6 @@ def prefill_response_from_bytes(data: bytes) -> prefill_pb2.PrefillResponse | KV
     """Deserializer of the Prefill stream: KV chunks as views of the message, the rest through protobuf."""
     try:
         view = _chunk_view(data)
-    except (IndexError, ValueError, UnicodeDecodeError):
+    except (DecodeError, UnicodeDecodeError):
         view = None
     return view if view is not None else prefill_pb2.PrefillResponse.FromString(data)
