@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(sub.add_parser("bench", help="serving benchmark against a router, a local cluster or llama-server"))
 
+    from pdserve.top import add_top_args
+
+    add_top_args(sub.add_parser("top", help="live view of a cluster through its router"))
+
     chat = sub.add_parser("chat", help="interactive chat through a router")
     chat.add_argument("--router", required=True)
     add_sampling_args(chat)
@@ -227,7 +231,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat, "bench": cmd_bench}
+def cmd_top(args: argparse.Namespace) -> int:
+    from pdserve.top import run_top_cli
+
+    return run_top_cli(args)
+
+
+COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat, "bench": cmd_bench, "top": cmd_top}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,11 +23,12 @@ from pdserve.status import status_code
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: any free one; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on (0.0.0.0: all)")
 
 
-def start(role: str, metrics_port: int | None) -> Metrics:
+def start(role: str, args: argparse.Namespace) -> Metrics:
     tracing.setup_tracing(f"pdserve-{role}")
-    return start_metrics(role, metrics_port)
+    return start_metrics(role, args.metrics_port, host=args.metrics_host)
 
 
 @contextlib.contextmanager

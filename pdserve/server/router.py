@@ -278,7 +278,7 @@ async def serve(args: argparse.Namespace) -> None:
         registry.add_static(Role.PREFILL, address)
     for address in args.decode_addr:
         registry.add_static(Role.DECODE, address)
-    metrics = observe.start("router", args.metrics_port)
+    metrics = observe.start("router", args)
     servicer = RouterServicer(registry, Placer(registry), metrics)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, d.server)

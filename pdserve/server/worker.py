@@ -188,7 +188,7 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
 
     async def serve() -> None:
         daemon.apply_process_settings(args.threads, args.cpus)
-        metrics = observe.start(name, args.metrics_port)
+        metrics = observe.start(name, args)
         worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics)
         d = daemon.Daemon(name, args.listen, args.grace_s, metrics)
         add_servicer(worker, d.server)

@@ -177,7 +177,8 @@ def test_tracing_off_installs_nothing_and_makes_no_spans():
 import sys, threading
 from pdserve.server import observe
 from pdserve.observability import tracing
-metrics = observe.start("decode", None)
+import argparse
+metrics = observe.start("decode", argparse.Namespace(metrics_port=None, metrics_host="127.0.0.1"))
 assert not tracing.enabled()
 assert "opentelemetry.sdk.trace" not in sys.modules, "the tracing SDK was imported"
 a, b = tracing.span("x"), tracing.span("y", {"k": 1})
