@@ -113,26 +113,34 @@ def _key(name: str, wire_type: int, number: int | None = None) -> bytes:
     return _varint((number if number is not None else _CHUNK_FIELDS[name].number) << 3 | wire_type)
 
 
+# Keys of the chunk's fields, made once (this runs per chunk, on the event loop).
+_CHUNK_KEY = _key("chunk", _LEN, _RESPONSE_CHUNK)
+_RID_KEY, _K_KEY, _V_KEY = _key("request_id", _LEN), _key("k_bytes", _LEN), _key("v_bytes", _LEN)
+_INT_KEYS = [_key(name, _VARINT) for name in ("sequence_number", "layer_index", "token_start", "token_end")]
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _buffers(t: torch.Tensor) -> list:
-    """The bytes of a [Hkv, T, D] tensor whose heads' rows are contiguous, head by head, uncopied."""
-    heads = [t] if t.is_contiguous() else list(t)
-    return [h.reshape(-1).view(torch.uint8).numpy() for h in heads]
+    """The bytes of a [Hkv, T, D] tensor whose heads' rows are contiguous, head by head, uncopied.
+
+    One numpy view of the whole (strided) tensor; its heads are contiguous sub-arrays.
+    """
+    a = t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
+    return [a] if a.flags.c_contiguous else list(a)
 
 
 def kv_chunk_response(c: KVChunkData) -> bytes:
     """The serialized PrefillResponse{chunk}: byte for byte what protobuf would make, K and V copied once."""
     rid = c.request_id.encode()
-    fields = [_key("request_id", _LEN) + _varint(len(rid)) + rid] if rid else []
-    for name, value in (("sequence_number", c.sequence_number), ("layer_index", c.layer),
-                        ("token_start", c.token_start), ("token_end", c.token_end)):
+    fields = [_RID_KEY + _varint(len(rid)) + rid] if rid else []
+    for key, value in zip(_INT_KEYS, (c.sequence_number, c.layer, c.token_start, c.token_end)):
         if value:  # proto3 leaves zeros out
-            fields.append(_key(name, _VARINT) + _varint(value))
+            fields.append(key + _varint(value))
     num_k, num_v = c.k.numel() * c.k.element_size(), c.v.numel() * c.v.element_size()
-    k_key = _key("k_bytes", _LEN) + _varint(num_k)
-    v_key = _key("v_bytes", _LEN) + _varint(num_v)
+    k_key = _K_KEY + _varint(num_k)
+    v_key = _V_KEY + _varint(num_v)
     body = sum(map(len, fields)) + len(k_key) + num_k + len(v_key) + num_v
-    return b"".join([_key("chunk", _LEN, _RESPONSE_CHUNK), _varint(body), *fields,
-                     k_key, *_buffers(c.k), v_key, *_buffers(c.v)])
+    return b"".join([_CHUNK_KEY, _varint(body), *fields, k_key, *_buffers(c.k), v_key, *_buffers(c.v)])
 
 
 @dataclass(slots=True)
@@ -148,7 +156,6 @@ class KVChunkView:
     v_bytes: memoryview
 
 
-_CHUNK_KEY = _key("chunk", _LEN, _RESPONSE_CHUNK)
 _VIEW_FIELDS = {f.number: (f.name, _LEN if f.type in (f.TYPE_STRING, f.TYPE_BYTES) else _VARINT)
                 for f in _CHUNK_FIELDS.values()}
 
