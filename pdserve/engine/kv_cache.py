@@ -71,7 +71,6 @@ class KVCache:
 
         The result is a view of a buffer that the next gather overwrites.
         """
-        rows = (self.num_kv_heads * self._blocks_per_head, self.block_size, self.head_dim)
         n = index.numel()
         if self._gather_k.shape[0] < n:
             # A normal tensor even when first needed inside inference mode: exports write it outside.
@@ -79,8 +78,8 @@ class KVCache:
                 self._gather_k = torch.empty(n, self.block_size, self.head_dim, dtype=self.dtype,
                                              device=index.device)
                 self._gather_v = torch.empty_like(self._gather_k)
-        k = torch.index_select(self.k[layer].view(rows), 0, index, out=self._gather_k[:n])
-        v = torch.index_select(self.v[layer].view(rows), 0, index, out=self._gather_v[:n])
+        k = torch.index_select(self._block_rows(self.k[layer]), 0, index, out=self._gather_k[:n])
+        v = torch.index_select(self._block_rows(self.v[layer]), 0, index, out=self._gather_v[:n])
         shape = (self.num_kv_heads * batch, -1, self.head_dim)
         return k.view(shape), v.view(shape)
 
@@ -103,9 +102,12 @@ class KVCache:
         first, last = start // bs, -(-end // bs)
         table = torch.tensor(block_table[first:last], dtype=torch.long, device=self.k[0].device)
         index = self.gather_index(table)
-        rows = (self.num_kv_heads * self._blocks_per_head, bs, self.head_dim)
         shape = (self.num_kv_heads, -1, self.head_dim)
         lo, hi = start - first * bs, end - first * bs
-        k = self.k[layer].view(rows).index_select(0, index).view(shape)[:, lo:hi]
-        v = self.v[layer].view(rows).index_select(0, index).view(shape)[:, lo:hi]
+        k = self._block_rows(self.k[layer]).index_select(0, index).view(shape)[:, lo:hi]
+        v = self._block_rows(self.v[layer]).index_select(0, index).view(shape)[:, lo:hi]
         return k, v
+
+    def _block_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A layer's [Hkv, slots, D] tensor as [Hkv * blocks, block_size, D]: blocks to gather by dim 0."""
+        return t.view(self.num_kv_heads * self._blocks_per_head, self.block_size, self.head_dim)

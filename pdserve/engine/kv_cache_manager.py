@@ -57,6 +57,10 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
+    def start_after(self, seq: Sequence, prefix: list[Block]) -> int:
+        """Where seq's computing starts once `prefix` is taken: past it, but never past its last token."""
+        return max(seq.num_computed_tokens, min(len(prefix) * self.block_size, seq.num_tokens - 1))
+
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[Block] | None = None) -> bool:
         """Room for num_new_tokens more tokens of seq, after its computed ones.
 
@@ -67,7 +71,7 @@ class KVCacheManager:
         """
         prefix = prefix or []
         num_hit_tokens = len(prefix) * self.block_size
-        start = max(seq.num_computed_tokens, min(num_hit_tokens, seq.num_tokens - 1))
+        start = self.start_after(seq, prefix)
         end = start + num_new_tokens
         num_needed = self.num_blocks_for(end) - len(seq.block_table) - len(prefix)
         num_free_after_hits = self.pool.num_free - sum(1 for b in prefix if b.ref_count == 0)

@@ -106,8 +106,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             prefix = self.kv.find_prefix(seq)
-            num_cached = max(seq.num_computed_tokens, min(len(prefix) * self.kv.block_size, seq.num_tokens - 1))
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - self.kv.start_after(seq, prefix), budget)
             if not self.kv.allocate(seq, num_new, prefix):
                 break
             self.waiting.popleft()
