@@ -130,8 +130,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
                     yield self._result(rid, out, attempt, remote, started, ttft_ms)
         except PdserveError as exc:
-            tracing.set_error(exc)
-            metrics.record_request("error", observe.status_name(exc))
+            observe.failed(metrics, exc)
             if isinstance(exc, DeadlineError):
                 metrics.inc_decode_timeout()
             await abort_with(context, exc)

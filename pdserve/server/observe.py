@@ -39,6 +39,7 @@ def server_span(name: str, context: grpc.aio.ServicerContext, attributes: tracin
         yield s
 
 
-def status_name(exc: BaseException) -> str:
-    """The gRPC status name a request ending with `exc` gets (the `status_code` label)."""
-    return status_code(exc).name
+def failed(metrics: Metrics, exc: BaseException) -> None:
+    """A request ends with `exc`: its span marked failed, the error counted under its gRPC status."""
+    tracing.set_error(exc)
+    metrics.record_request("error", status_code(exc).name)

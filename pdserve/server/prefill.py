@@ -84,8 +84,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             params, prompt = self._preprocess(rid, request)
         except PdserveError as exc:
-            tracing.set_error(exc)
-            w.metrics.record_request("error", observe.status_name(exc))
+            observe.failed(w.metrics, exc)
             await abort_with(context, exc)
         yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
         queue: asyncio.Queue = asyncio.Queue()
@@ -126,8 +125,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                    ms=round((time.monotonic() - started) * 1e3, 1))
                 return
         except PdserveError as exc:
-            tracing.set_error(exc)
-            w.metrics.record_request("error", observe.status_name(exc))
+            observe.failed(w.metrics, exc)
             await abort_with(context, exc)
         finally:
             w.pending_prefill_tokens -= len(prompt)

@@ -123,8 +123,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 async for response in self._generate(request, context, started):
                     yield response
             except PdserveError as exc:
-                tracing.set_error(exc)
-                self.metrics.record_request("error", observe.status_name(exc))
+                observe.failed(self.metrics, exc)
                 await abort_with(context, exc)
 
     async def _generate(self, request: common_pb2.GenerateRequest, context, started: float):
