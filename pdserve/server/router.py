@@ -71,9 +71,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.placer = placer
         self.metrics = metrics or Metrics("router")
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
-        self._fingerprints: dict[str, common_pb2.ModelFingerprint] = {}
-        self._versions: dict[str, str] = {}
-        self._layouts: dict[str, common_pb2.KVLayout] = {}
+        # worker id -> its registration (fingerprint, preprocessing version, KV layout), for ClusterStatus.
+        self._registrations: dict[str, router_pb2.RegisterRequest] = {}
 
     # -- worker membership ------------------------------------------------------------
 
@@ -87,9 +86,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             worker_id = self.registry.register(request.worker_id or None, info, load_from_pb(request.load))
         except PdserveError as exc:
             await abort_with(context, exc)
-        self._fingerprints[worker_id] = request.model
-        self._versions[worker_id] = request.preprocessing_version
-        self._layouts[worker_id] = request.kv_layout
+        self._registrations[worker_id] = request
         log.info("registered %s %s at %s (%s)", role.value, worker_id, request.address, info.model_fingerprint)
         interval = self.registry.heartbeat_interval_s
         return router_pb2.RegisterResponse(worker_id=worker_id, heartbeat_interval_ms=int(interval * 1e3),
@@ -104,11 +101,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def ClusterStatus(self, request, context):
         now = time.monotonic()
-        workers = [router_pb2.WorkerStatus(
-            worker_id=w.worker_id, role=_ROLES_PB[w.role], address=w.address, health=_HEALTH_PB[w.health],
-            load=load_to_pb(w.load), model=self._fingerprints.get(w.worker_id),
-            preprocessing_version=self._versions.get(w.worker_id, ""), kv_layout=self._layouts.get(w.worker_id),
-            last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3) for w in self.registry.all()]
+        empty = router_pb2.RegisterRequest()
+        workers = []
+        for w in self.registry.all():
+            reg = self._registrations.get(w.worker_id, empty)
+            workers.append(router_pb2.WorkerStatus(
+                worker_id=w.worker_id, role=_ROLES_PB[w.role], address=w.address, health=_HEALTH_PB[w.health],
+                load=load_to_pb(w.load), model=reg.model if reg.HasField("model") else None,
+                preprocessing_version=reg.preprocessing_version,
+                kv_layout=reg.kv_layout if reg.HasField("kv_layout") else None,
+                last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3))
         return router_pb2.ClusterStatusResponse(workers=workers)
 
     # -- requests -------------------------------------------------------------------------
@@ -219,6 +221,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         while True:
             for worker_id in self.registry.expire():
                 log.warning("worker %s missed its heartbeats", worker_id)
+            known = {w.worker_id for w in self.registry.all()}
+            for worker_id in self._registrations.keys() - known:  # removed after a long silence
+                del self._registrations[worker_id]
             await asyncio.gather(*(self._poll(w) for w in self.registry.all() if w.static),
                                  return_exceptions=True)
             await asyncio.sleep(self.registry.heartbeat_interval_s)
