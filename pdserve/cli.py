@@ -50,6 +50,8 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
     p.add_argument("--log", default=None, help="append the daemons' logs to this file")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="the router also serves the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free one)")
 
 
 def cluster_spec(args: argparse.Namespace):
@@ -60,7 +62,7 @@ def cluster_spec(args: argparse.Namespace):
         raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
                        device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log)
+                       log_path=args.log, http_port=args.http_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +177,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"starting a router, {args.prefill} prefill and {args.decode} decode workers...", file=sys.stderr)
     with LocalCluster(spec) as cluster:
         info = cluster.describe()
-        print(f"router {info['router']}; prefill {info['prefill']}; decode {info['decode']}", file=sys.stderr)
+        http = f"; HTTP {info['http']}" if info['http'] else ""
+        print(f"router {info['router']}; prefill {info['prefill']}; decode {info['decode']}{http}", file=sys.stderr)
         print(json.dumps(info), flush=True)
         if args.demo:
             return _demo(cluster.address, args.demo)

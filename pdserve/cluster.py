@@ -41,7 +41,7 @@ class Child:
     env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
     address: str = ""
-    metrics_port: int | None = None  # when started with --metrics-port
+    ready: dict = field(default_factory=dict)  # the child's JSON ready line
     log_lines: list[str] = field(default_factory=list)
 
     def start(self, log_file) -> None:
@@ -68,8 +68,12 @@ class Child:
             raise FatalError(f"{self.role} did not become ready within {timeout:.0f} s "
                              f"(exit code {self.process.poll()})")
         self.address = result["address"]
-        self.metrics_port = result.get("metrics_port")
+        self.ready = result
         return self.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.ready.get("metrics_port")
 
     def stop(self, grace_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -90,6 +94,7 @@ class ClusterSpec:
     dtype: str | None = None
     device: str = "cpu"
     router_listen: str = "127.0.0.1:0"
+    http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0: any free port)
     kv_cache_gib: float | None = None  # per worker; None: split a share of free memory
     heartbeat_s: float = 1.0
     # Extra flags per role ("prefill", "decode", "router"), e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
@@ -116,7 +121,8 @@ class LocalCluster:
         self._log = open(spec.log_path, "a") if spec.log_path else subprocess.DEVNULL
         try:
             self.router = Child("router", ["--listen", spec.router_listen, "--heartbeat-s", str(spec.heartbeat_s),
-                                           "--grace-s", "5", *spec.extra_args.get("router", [])])
+                                           "--grace-s", "5", *spec.extra_args.get("router", []),
+                                           *(["--http-port", str(spec.http_port)] if spec.http_port is not None else [])])
             self.router.start(self._log)
             self.router.wait_ready(30)
             roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode
@@ -181,7 +187,8 @@ class LocalCluster:
         self.stop()
 
     def describe(self) -> dict:
-        return {"ready": True, "router": self.address,
+        http = self.router.ready.get("http_port") if self.router else None
+        return {"ready": True, "router": self.address, "http": f"http://127.0.0.1:{http}" if http else None,
                 "prefill": [w.address for w in self.workers if w.role == "prefill"],
                 "decode": [w.address for w in self.workers if w.role == "decode"]}
 

@@ -101,7 +101,8 @@ class Daemon:
         """Run fn when a stop begins (before the grace period), e.g. to tell the router."""
         self._on_drain.append(fn)
 
-    async def start(self, service_names: Iterable[str]) -> str:
+    async def start(self, service_names: Iterable[str], ready: dict | None = None) -> str:
+        """Serve; print the JSON ready line (with `ready`'s fields added) and return the address."""
         names = list(service_names)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         port = self.server.add_insecure_port(self.listen)
@@ -112,10 +113,10 @@ class Daemon:
         await self.server.start()
         for name in ["", *names]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
-        ready = {"ready": True, "role": self.role, "address": self.address, "pid": os.getpid()}
+        line = {"ready": True, "role": self.role, "address": self.address, "pid": os.getpid(), **(ready or {})}
         if self.metrics is not None and self.metrics.port is not None:
-            ready["metrics_port"] = self.metrics.port
-        print(json.dumps(ready), flush=True)
+            line["metrics_port"] = self.metrics.port
+        print(json.dumps(line), flush=True)
         log.info("%s serving on %s", self.role, self.address)
         return self.address
 

@@ -116,20 +116,31 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     # -- requests -------------------------------------------------------------------------
 
     async def Generate(self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        with tracing.attach(tracing.extract_context(context.invocation_metadata())):
+            try:
+                async for response in self.generate(request, context.time_remaining()):
+                    yield response
+            except PdserveError as exc:
+                await abort_with(context, exc)
+
+    async def generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None):
+        """One request's responses, from the decode worker that serves it, for every front (gRPC, HTTP).
+
+        Raises PdserveError when it fails (counted, and marked on the request's span).
+        """
         started = time.monotonic()
         request.request_id = request.request_id or uuid.uuid4().hex
         attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
                  Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
-        with observe.server_span(SpanName.ROUTER_REQUEST, context, attrs):
+        with tracing.span(SpanName.ROUTER_REQUEST, attrs, kind=tracing.SpanKind.SERVER):
             try:
-                async for response in self._generate(request, context, started):
+                async for response in self._generate(request, timeout_s, started):
                     yield response
             except PdserveError as exc:
                 observe.failed(self.metrics, exc)
-                await abort_with(context, exc)
+                raise
 
-    async def _generate(self, request: common_pb2.GenerateRequest, context, started: float):
-        """The responses of the decode worker that serves the request; raises PdserveError when none does."""
+    async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float):
         rid = request.request_id
         wire.sampling_from_pb(request.sampling_params)
         if request.WhichOneof("input") is None:
@@ -146,10 +157,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             sent_any = False
             first_ms = 0.0
             self._begin(placement)
+            call = None
             try:
+                remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
                 call = self._decode_stub(placement.decode.address).Generate(
-                    _decode_request(request, placement), timeout=context.time_remaining(),
-                    metadata=tracing.inject_metadata())
+                    _decode_request(request, placement), timeout=remaining, metadata=tracing.inject_metadata())
                 async for response in call:
                     if response.WhichOneof("kind") == "result":
                         _stamp(response.result, started, queue_ms, first_ms)
@@ -166,6 +178,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 self._on_decode_failure(placement, exc)
                 excluded.add(placement.decode.worker_id)
             finally:
+                if call is not None:
+                    call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
                 self._finish(placement)
         raise last_error
 
@@ -272,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
     p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
     p.add_argument("--grace-s", type=float, default=30.0)
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API on this port (0: any free one; default: off)")
+    p.add_argument("--http-host", default="127.0.0.1")
+    p.add_argument("--served-model-name", default="default", help="the model id the HTTP API answers to")
     observe.add_args(p)
     return p
 
@@ -286,12 +304,21 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = RouterServicer(registry, Placer(registry), metrics)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, d.server)
-    await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])
+    http = None
+    if args.http_port is not None:
+        from pdserve.server.openai_http import OpenAIServer
+
+        http = OpenAIServer(servicer, args.served_model_name, args.http_host, args.http_port)
+        await http.start()
+    await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
+                  ready={"http_port": http.port} if http else None)
     task = asyncio.create_task(servicer.maintain())
     try:
         await d.run_until_signal()
     finally:
         task.cancel()
+        if http is not None:
+            await http.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,249 @@
+"""OpenAI-compatible HTTP on the router: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+aiohttp, on the router's own event loop. A request body becomes the GenerateRequest
+the SDK would send (`pdserve.client.convert.request_pb`) and goes through the
+router's own placement (`RouterServicer.generate`); the responses come back as SDK
+types and are written as OpenAI JSON, or as server-sent events with `stream: true`
+(`data: {chunk}` lines, then `data: [DONE]`). The caller's W3C `traceparent` header
+continues its trace, as gRPC metadata does.
+
+Errors are OpenAI's error object, {"error": {"message", "type", "param", "code"}}:
+a bad field is 400 with `param` naming it; an unknown model 404; no room 429; no
+worker 503; a deadline 504. An error after the stream began is one `data:
+{"error": ...}` event before [DONE]. Not supported (400, named): n > 1, best_of,
+echo, logit_bias, logprobs, suffix, tools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.client.convert import delta_from_pb, request_pb, result_from_pb
+from pdserve.errors import (CapacityError, DeadlineError, InvalidRequestError, NotFoundError, PdserveError,
+                            UnavailableError)
+from pdserve.observability import tracing
+from pdserve.router.registry import Role
+
+log = logging.getLogger("pdserve.http")
+
+_STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (NotFoundError, 404, "invalid_request_error"),
+           (CapacityError, 429, "rate_limit_error"), (UnavailableError, 503, "service_unavailable"),
+           (DeadlineError, 504, "timeout")]
+# OpenAI fields passed to SamplingParams as they are (the last four are pdserve/vLLM extensions).
+_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+             "top_k", "min_p", "repetition_penalty", "ignore_eos")
+_UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "suffix", "tools", "functions")
+
+
+class OpenAIServer:
+    def __init__(self, router, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 timeout_s: float | None = 600.0) -> None:
+        self.router = router  # a RouterServicer
+        self.model_name = model_name
+        self.host, self.port = host, port
+        self.timeout_s = timeout_s
+        app = web.Application(client_max_size=8 * 2**20)
+        app.add_routes([web.get("/health", self._health), web.get("/v1/models", self._models),
+                        web.post("/v1/completions", self._completions),
+                        web.post("/v1/chat/completions", self._chat)])
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> int:
+        """Listen; the bound port."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("OpenAI-compatible HTTP on %s:%d", self.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    # -- routes --------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok = bool(self.router.registry.healthy(Role.DECODE))
+        return web.json_response({"status": "ok" if ok else "no healthy decode worker"}, status=200 if ok else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pdserve"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, http: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await _json_body(http)
+            pb = self._request_pb(body, chat)
+        except PdserveError as exc:
+            return _error_response(exc)
+        rid = pb.request_id
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": self.model_name,
+                "object": "chat.completion.chunk" if chat else "text_completion"}
+        parent = tracing.extract_context([(k.lower(), v) for k, v in http.headers.items()])
+        with tracing.attach(parent):
+            responses = self.router.generate(pb, self.timeout_s).__aiter__()
+            try:
+                first = await responses.__anext__()  # errors before any output keep their HTTP status
+            except PdserveError as exc:
+                return _error_response(exc)
+            except StopAsyncIteration:
+                return _error_response(UnavailableError("the request ended without an answer", request_id=rid))
+            stream = _chain(first, responses)
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return await _sse(http, stream, meta, chat, include_usage)
+            return await _whole(stream, meta, chat)
+
+    def _request_pb(self, body: dict, chat: bool):
+        model = body.get("model")
+        if model not in (None, "", self.model_name):
+            raise NotFoundError(f"model: {model!r} is not served here (GET /v1/models lists {self.model_name!r})")
+        for name in _UNSUPPORTED:
+            if body.get(name) not in (None, False, 0, {}, [], ""):
+                raise InvalidRequestError(name, "is not supported by pdserve's HTTP API")
+        if body.get("n", 1) != 1:
+            raise InvalidRequestError("n", "only n = 1 is supported")
+        sampling: dict[str, Any] = {name: body.get(name) for name in _SAMPLING}
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        sampling["max_tokens"] = 16 if max_tokens is None and not chat else max_tokens  # OpenAI's default
+        sampling["stop"] = body.get("stop")
+        prompt = messages = token_ids = None
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
+            messages = [_message(m, i) for i, m in enumerate(messages)]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]  # a batch of one
+            if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                prompt, token_ids = None, prompt
+            elif not isinstance(prompt, str):
+                raise InvalidRequestError("prompt", "must be a string or a list of token ids (one prompt)")
+        return request_pb(prompt=prompt, messages=messages, prompt_token_ids=token_ids, sampling=sampling,
+                          request_id=uuid.uuid4().hex)
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _whole(stream: AsyncIterator, meta: dict, chat: bool) -> web.Response:
+    text: list[str] = []
+    result = None
+    try:
+        async for pb in stream:
+            if pb.WhichOneof("kind") == "delta":
+                text.append(delta_from_pb(pb.delta).text)
+            else:
+                result = result_from_pb(pb.result)
+    except PdserveError as exc:
+        return _error_response(exc)
+    if result is None:
+        return _error_response(UnavailableError("the decode worker's stream ended without a result"))
+    content = "".join(text)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
+              else {"index": 0, "text": content, "logprobs": None})
+    choice["finish_reason"] = result.finish_reason
+    body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": _usage(result)}
+    return web.json_response(body)
+
+
+async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, chat: bool, include_usage: bool):
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(http)
+
+    async def send(payload: dict) -> None:
+        await resp.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+    if chat:
+        await send({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+    try:
+        async for pb in stream:
+            if pb.WhichOneof("kind") == "delta":
+                text = delta_from_pb(pb.delta).text
+                if text:
+                    await send({**meta, "choices": [_chunk_choice(chat, text, None)]})
+                continue
+            result = result_from_pb(pb.result)
+            await send({**meta, "choices": [_chunk_choice(chat, "", result.finish_reason)]})
+            if include_usage:
+                await send({**meta, "choices": [], "usage": _usage(result)})
+    except PdserveError as exc:
+        await send(_error_body(exc))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _chunk_choice(chat: bool, text: str, finish_reason: str | None) -> dict:
+    if chat:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(result) -> dict:
+    u = result.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _classify(exc: PdserveError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of a pdserve error."""
+    return next(((status, kind) for cls, status, kind in _STATUS if isinstance(exc, cls)), (500, "server_error"))
+
+
+def _error_body(exc: PdserveError) -> dict:
+    return {"error": {"message": str(exc), "type": _classify(exc)[1], "param": getattr(exc, "field", None),
+                      "code": None}}
+
+
+def _error_response(exc: PdserveError) -> web.Response:
+    return web.json_response(_error_body(exc), status=_classify(exc)[0])
+
+
+async def _json_body(http: web.Request) -> dict:
+    try:
+        body = await http.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("body", f"is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    return body
+
+
+def _message(m: Any, index: int) -> dict[str, str]:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise InvalidRequestError(f"messages[{index}]", "must be an object with a role and a content")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise InvalidRequestError(f"messages[{index}].content", "only text parts are supported")
+        content = "".join(p.get("text", "") for p in content)
+    if not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{index}].content", "must be a string")
+    return {"role": m["role"], "content": content}

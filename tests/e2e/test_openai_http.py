@@ -1,0 +1,82 @@
+"""The router's OpenAI-compatible HTTP API through the real `openai` client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from pdserve.client import Client
+from pdserve.cluster import ClusterSpec, LocalCluster
+
+PROMPT_IDS = [5, 9, 14, 22, 31, 40, 51, 63]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir):
+    spec = ClusterSpec(num_prefill=1, num_decode=1, model=tiny_dir, dtype="float32", kv_cache_gib=0.05,
+                       heartbeat_s=0.5, http_port=0)
+    with LocalCluster(spec) as cluster:
+        http = cluster.describe()["http"]
+        yield cluster, openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60), http
+
+
+def test_completion_equals_the_sdks_for_the_same_seed(served):
+    cluster, oai, _ = served
+    got = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=8, temperature=1.0, seed=7)
+    with Client(cluster.address) as sdk:
+        want = sdk.complete(prompt_token_ids=PROMPT_IDS, max_tokens=8, temperature=1.0, seed=7)
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(PROMPT_IDS), len(want.token_ids))
+    streamed = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=8, temperature=1.0, seed=7,
+                                      stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+
+
+def test_chat_streaming_and_whole_equal_the_sdks(served):
+    cluster, oai, _ = served
+    messages = [{"role": "user", "content": "hello there"}]
+    with Client(cluster.address) as sdk:
+        want = sdk.complete(messages=messages, max_tokens=6, temperature=0.0)
+    whole = oai.chat.completions.create(model="default", messages=messages, max_tokens=6, temperature=0)
+    assert whole.choices[0].message.content == want.text and whole.choices[0].message.role == "assistant"
+    chunks = list(oai.chat.completions.create(model="default", messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"n": 2}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"extra_body": {"logit_bias": {"5": 1}}}, "logit_bias"),
+])
+def test_bad_fields_are_400_naming_the_field_and_the_next_request_is_served(served, kwargs, param):
+    _, oai, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=kwargs.pop("max_tokens", 4), **kwargs)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param and param in err.value.body["message"]
+    ok = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_unknown_model_is_404_and_models_lists_the_served_one(served):
+    _, oai, http = served
+    assert [m.id for m in oai.models.list()] == ["default"]
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-9", prompt=PROMPT_IDS, max_tokens=2)
+    with urllib.request.urlopen(f"{http}/health", timeout=5) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    request = urllib.request.Request(f"{http}/v1/completions", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=5)
+    assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == "body"
