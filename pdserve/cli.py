@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 
@@ -52,6 +53,7 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--log", default=None, help="append the daemons' logs to this file")
     p.add_argument("--http-port", type=int, default=None,
                    help="the router also serves the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free one)")
+    p.add_argument("--api-key", action="append", default=[], help="clients must send this key (repeatable)")
 
 
 def cluster_spec(args: argparse.Namespace):
@@ -62,7 +64,7 @@ def cluster_spec(args: argparse.Namespace):
         raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
                        device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log, http_port=args.http_port)
+                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     from pdserve.client import Client
 
-    with Client(args.router) as client:
+    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
         kwargs = _sampling_kwargs(args)
         if args.chat:
             stream = client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs)
@@ -181,7 +183,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"router {info['router']}; prefill {info['prefill']}; decode {info['decode']}{http}", file=sys.stderr)
         print(json.dumps(info), flush=True)
         if args.demo:
-            return _demo(cluster.address, args.demo)
+            return _demo(cluster.address, args.demo, cluster.api_key)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             signal.pause()
@@ -190,10 +192,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(router: str, prompt: str) -> int:
+def _demo(router: str, prompt: str, api_key: str | None = None) -> int:
     from pdserve.client import Client
 
-    with Client(router) as client:
+    with Client(router, api_key=api_key) as client:
         print(f"> {prompt}")
         stream = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0)
         for delta in stream:
@@ -208,7 +210,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pdserve.client import Client
 
     history: list[dict] = []
-    with Client(args.router) as client:
+    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
         while True:
             try:
                 line = input("you> ").strip()

@@ -95,6 +95,7 @@ class ClusterSpec:
     device: str = "cpu"
     router_listen: str = "127.0.0.1:0"
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0: any free port)
+    api_keys: tuple[str, ...] = ()  # the router requires one of these from clients
     kv_cache_gib: float | None = None  # per worker; None: split a share of free memory
     heartbeat_s: float = 1.0
     # Extra flags per role ("prefill", "decode", "router"), e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
@@ -112,6 +113,11 @@ class LocalCluster:
         self._log = None
 
     @property
+    def api_key(self) -> str | None:
+        """A key clients of this cluster can use (None: the router checks none)."""
+        return self.spec.api_keys[0] if self.spec.api_keys else None
+
+    @property
     def address(self) -> str:
         assert self.router is not None
         return self.router.address
@@ -122,7 +128,8 @@ class LocalCluster:
         try:
             self.router = Child("router", ["--listen", spec.router_listen, "--heartbeat-s", str(spec.heartbeat_s),
                                            "--grace-s", "5", *spec.extra_args.get("router", []),
-                                           *(["--http-port", str(spec.http_port)] if spec.http_port is not None else [])])
+                                           *(["--http-port", str(spec.http_port)] if spec.http_port is not None else []),
+                                           *(a for key in spec.api_keys for a in ("--api-key", key))])
             self.router.start(self._log)
             self.router.wait_ready(30)
             roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode
@@ -163,7 +170,7 @@ class LocalCluster:
         from pdserve.client import Client
 
         deadline = time.monotonic() + timeout
-        with Client(self.address) as client:
+        with Client(self.address, api_key=self.api_key) as client:
             while time.monotonic() < deadline:
                 healthy = [w for w in client.cluster_status() if w.health == "healthy"]
                 if len(healthy) >= count:

@@ -73,6 +73,12 @@ class NotFoundError(PdserveError):
     code = "NOT_FOUND"
 
 
+class AuthenticationError(PdserveError):
+    """No valid API key."""
+
+    code = "UNAUTHENTICATED"
+
+
 class FatalError(PdserveError):
     """A bug or a broken worker; the request cannot be completed."""
 

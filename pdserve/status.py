@@ -17,6 +17,7 @@ from typing import NoReturn
 import grpc
 
 from pdserve.errors import (
+    AuthenticationError,
     CancelledError,
     CapacityError,
     DeadlineError,
@@ -39,6 +40,7 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[PdserveError]] = {
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INTERNAL: FatalError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
 }
 
 # PdserveError writes "request <id>: <message>"; ids contain no whitespace.

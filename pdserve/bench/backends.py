@@ -18,8 +18,10 @@ from pdserve.bench.backend import BenchRequest
 class PdserveBackend:
     """A pdserve router (or a decode worker) through pdserve.client.AsyncClient."""
 
-    def __init__(self, address: str, *, name: str = "pdserve", timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str, *, name: str = "pdserve", timeout_s: float = 600.0,
+                 api_key: str | None = None) -> None:
         self.address = address
+        self.api_key = api_key
         self.name = name
         self.timeout_s = timeout_s
         self._client = None
@@ -27,7 +29,7 @@ class PdserveBackend:
     async def start(self) -> None:
         from pdserve.client import AsyncClient
 
-        self._client = AsyncClient(self.address)
+        self._client = AsyncClient(self.address, api_key=self.api_key)
 
     async def stream(self, request: BenchRequest) -> AsyncIterator[int]:
         assert self._client is not None, "start() first"

@@ -113,7 +113,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         if args.up is not None:
             cluster = start_cluster(args.up)
-            backend, default_label = _pdserve(cluster.address), "pdserve " + args.up
+            backend, default_label = _pdserve(cluster.address, cluster.api_key), "pdserve " + args.up
         elif args.router:
             backend, default_label = _pdserve(args.router), "pdserve"
         elif args.llama_server:
@@ -168,7 +168,7 @@ def start_cluster(up_flags: str):
     return LocalCluster(spec).start()
 
 
-def _pdserve(address: str):
+def _pdserve(address: str, api_key: str | None = None):
     from pdserve.bench.backends import PdserveBackend
 
-    return PdserveBackend(address)
+    return PdserveBackend(address, api_key=api_key)

@@ -111,8 +111,11 @@ class AsyncClient:
     Create it inside the event loop that uses it.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router") -> None:
+    def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router",
+                 api_key: str | None = None) -> None:
         self.address = address
+        # Sent with every call when the router requires API keys.
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.service = check_service(service)
         self._timeout = timeout
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -168,7 +171,8 @@ class AsyncClient:
                                    request_id=request_id)
         stub = self._router if self.service == "router" else self._decode
         # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
-        call = stub.Generate(request, timeout=deadline(timeout, self._timeout), metadata=inject_metadata())
+        call = stub.Generate(request, timeout=deadline(timeout, self._timeout),
+                             metadata=inject_metadata(self._metadata))
         return AsyncGenerateStream(call)
 
     async def complete(
@@ -210,7 +214,7 @@ class AsyncClient:
         require(self.service, CLUSTER_SERVICES, "cluster_status")
         try:
             response = await self._router.ClusterStatus(router_pb2.ClusterStatusRequest(),
-                                                        timeout=deadline(timeout, self._timeout))
+                                                        timeout=deadline(timeout, self._timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return [worker_from_pb(worker) for worker in response.workers]
@@ -220,7 +224,8 @@ class AsyncClient:
         require(self.service, STATS_SERVICES, "stats")
         stub = self._decode if self.service == "decode" else self._prefill
         try:
-            response = await stub.Stats(common_pb2.StatsRequest(), timeout=deadline(timeout, self._timeout))
+            response = await stub.Stats(common_pb2.StatsRequest(), timeout=deadline(timeout, self._timeout),
+                                        metadata=self._metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return stats_from_pb(response)

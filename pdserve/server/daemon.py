@@ -85,12 +85,14 @@ def channel(address: str) -> grpc.aio.Channel:
 class Daemon:
     """A grpc.aio server with health and reflection, and its graceful stop."""
 
-    def __init__(self, role: str, listen: str, grace_s: float = 30.0, metrics: Metrics | None = None) -> None:
+    def __init__(self, role: str, listen: str, grace_s: float = 30.0, metrics: Metrics | None = None,
+                 interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
         self.role = role
         self.metrics = metrics
         self.listen = listen
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequestInterceptor()])
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                      interceptors=[*interceptors, MalformedRequestInterceptor()])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""

@@ -8,7 +8,8 @@ types and are written as OpenAI JSON, or as server-sent events with `stream: tru
 continues its trace, as gRPC metadata does.
 
 Errors are OpenAI's error object, {"error": {"message", "type", "param", "code"}}:
-a bad field is 400 with `param` naming it; an unknown model 404; no room 429; no
+a bad field is 400 with `param` naming it; no valid API key 401 (when the router has
+keys: `Authorization: Bearer KEY`); an unknown model 404; no room 429; no
 worker 503; a deadline 504. An error after the stream began is one `data:
 {"error": ...}` event before [DONE]. Not supported (400, named): n > 1, best_of,
 echo, logit_bias, logprobs, suffix, tools.
@@ -26,14 +27,16 @@ from typing import Any
 from aiohttp import web
 
 from pdserve.client.convert import delta_from_pb, request_pb, result_from_pb
-from pdserve.errors import (CapacityError, DeadlineError, InvalidRequestError, NotFoundError, PdserveError,
-                            UnavailableError)
+from pdserve.errors import (AuthenticationError, CapacityError, DeadlineError, InvalidRequestError, NotFoundError,
+                            PdserveError, UnavailableError)
 from pdserve.observability import tracing
 from pdserve.router.registry import Role
+from pdserve.server.auth import ApiKeys
 
 log = logging.getLogger("pdserve.http")
 
-_STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (NotFoundError, 404, "invalid_request_error"),
+_STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (AuthenticationError, 401, "invalid_request_error"),
+           (NotFoundError, 404, "invalid_request_error"),
            (CapacityError, 429, "rate_limit_error"), (UnavailableError, 503, "service_unavailable"),
            (DeadlineError, 504, "timeout")]
 # OpenAI fields passed to SamplingParams as they are (the last four are pdserve/vLLM extensions).
@@ -44,12 +47,13 @@ _UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "su
 
 class OpenAIServer:
     def __init__(self, router, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                 timeout_s: float | None = 600.0) -> None:
+                 timeout_s: float | None = 600.0, keys: ApiKeys | None = None) -> None:
         self.router = router  # a RouterServicer
         self.model_name = model_name
         self.host, self.port = host, port
         self.timeout_s = timeout_s
-        app = web.Application(client_max_size=8 * 2**20)
+        self.keys = keys or ApiKeys([])
+        app = web.Application(client_max_size=8 * 2**20, middlewares=[self._authenticate])
         app.add_routes([web.get("/health", self._health), web.get("/v1/models", self._models),
                         web.post("/v1/completions", self._completions),
                         web.post("/v1/chat/completions", self._chat)])
@@ -66,6 +70,16 @@ class OpenAIServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """/v1/ routes need an API key when the router has keys; /health stays open."""
+        if request.path.startswith("/v1/"):
+            try:
+                self.keys.check(request.headers.get("Authorization"))
+            except AuthenticationError as exc:
+                return _error_response(exc)
+        return await handler(request)
 
     # -- routes --------------------------------------------------------------------------
 
