@@ -54,6 +54,7 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--http-port", type=int, default=None,
                    help="the router also serves the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free one)")
     p.add_argument("--api-key", action="append", default=[], help="clients must send this key (repeatable)")
+    p.add_argument("--tls", action="store_true", help="mutual TLS everywhere, with a throwaway CA (printed)")
 
 
 def cluster_spec(args: argparse.Namespace):
@@ -64,7 +65,7 @@ def cluster_spec(args: argparse.Namespace):
         raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
                        device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key))
+                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"router {info['router']}; prefill {info['prefill']}; decode {info['decode']}{http}", file=sys.stderr)
         print(json.dumps(info), flush=True)
         if args.demo:
-            return _demo(cluster.address, args.demo, cluster.api_key)
+            return _demo(cluster.address, args.demo, cluster.api_key, cluster.credentials)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             signal.pause()
@@ -192,10 +193,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(router: str, prompt: str, api_key: str | None = None) -> int:
+def _demo(router: str, prompt: str, api_key: str | None = None, credentials=None) -> int:
     from pdserve.client import Client
 
-    with Client(router, api_key=api_key) as client:
+    with Client(router, api_key=api_key, credentials=credentials) as client:
         print(f"> {prompt}")
         stream = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0)
         for delta in stream:

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class ClusterSpec:
     router_listen: str = "127.0.0.1:0"
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0: any free port)
     api_keys: tuple[str, ...] = ()  # the router requires one of these from clients
+    tls: bool = False  # a throwaway CA and certificate: mutual TLS on every connection
     kv_cache_gib: float | None = None  # per worker; None: split a share of free memory
     heartbeat_s: float = 1.0
     # Extra flags per role ("prefill", "decode", "router"), e.g. {"decode": ["--kv-stall-timeout-s", "2"]}.
@@ -111,6 +113,8 @@ class LocalCluster:
         self.router: Child | None = None
         self.workers: list[Child] = []
         self._log = None
+        self._pki_dir: tempfile.TemporaryDirectory | None = None
+        self.tls = None  # TlsFiles when spec.tls
 
     @property
     def api_key(self) -> str | None:
@@ -125,8 +129,14 @@ class LocalCluster:
     def start(self, timeout: float = 180.0) -> LocalCluster:
         spec = self.spec
         self._log = open(spec.log_path, "a") if spec.log_path else subprocess.DEVNULL
+        if spec.tls:
+            from pdserve.server.tls import make_local_pki
+
+            self._pki_dir = tempfile.TemporaryDirectory(prefix="pdserve-pki-")
+            self.tls = make_local_pki(self._pki_dir.name)
         try:
-            self.router = Child("router", ["--listen", spec.router_listen, "--heartbeat-s", str(spec.heartbeat_s),
+            self.router = Child("router", [*self._tls_args(), "--listen", spec.router_listen,
+                                           "--heartbeat-s", str(spec.heartbeat_s),
                                            "--grace-s", "5", *spec.extra_args.get("router", []),
                                            *(["--http-port", str(spec.http_port)] if spec.http_port is not None else []),
                                            *(a for key in spec.api_keys for a in ("--api-key", key))])
@@ -148,7 +158,8 @@ class LocalCluster:
         spec = self.spec
         mine = _cpus_for(index, num_workers)
         threads = len(mine)
-        args = ["--router", self.address, "--listen", "127.0.0.1:0", "--cpus", ",".join(map(str, mine)),
+        args = [*self._tls_args(), "--router", self.address, "--listen", "127.0.0.1:0",
+                "--cpus", ",".join(map(str, mine)),
                 "--threads", str(threads), "--kv-cache-gib", str(self._kv_gib(num_workers)),
                 "--heartbeat-s", str(spec.heartbeat_s), "--device", spec.device, "--grace-s", "5"]
         if spec.model:
@@ -158,6 +169,15 @@ class LocalCluster:
         args += spec.extra_args.get(role, [])
         env = dict(os.environ, **spec.worker_env[index]) if index in spec.worker_env else None
         return Child(role, args, env)
+
+    def _tls_args(self) -> list[str]:
+        t = self.tls
+        return ["--tls-cert", t.cert, "--tls-key", t.key, "--tls-ca", t.ca] if t is not None else []
+
+    @property
+    def credentials(self):
+        """What a client of this cluster connects with: None (plain text) or its mutual-TLS credentials."""
+        return self.tls.channel_credentials() if self.tls is not None else None
 
     def _kv_gib(self, num_workers: int) -> float:
         if self.spec.kv_cache_gib is not None:
@@ -170,7 +190,7 @@ class LocalCluster:
         from pdserve.client import Client
 
         deadline = time.monotonic() + timeout
-        with Client(self.address, api_key=self.api_key) as client:
+        with Client(self.address, api_key=self.api_key, credentials=self.credentials) as client:
             while time.monotonic() < deadline:
                 healthy = [w for w in client.cluster_status() if w.health == "healthy"]
                 if len(healthy) >= count:
@@ -186,6 +206,9 @@ class LocalCluster:
             child.stop(grace_s)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
+        if self._pki_dir is not None:
+            self._pki_dir.cleanup()
+            self._pki_dir = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -195,9 +218,11 @@ class LocalCluster:
 
     def describe(self) -> dict:
         http = self.router.ready.get("http_port") if self.router else None
-        return {"ready": True, "router": self.address, "http": f"http://127.0.0.1:{http}" if http else None,
+        scheme = "https" if self.tls is not None else "http"
+        return {"ready": True, "router": self.address, "http": f"{scheme}://127.0.0.1:{http}" if http else None,
                 "prefill": [w.address for w in self.workers if w.role == "prefill"],
-                "decode": [w.address for w in self.workers if w.role == "decode"]}
+                "decode": [w.address for w in self.workers if w.role == "decode"],
+                "tls": {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key} if self.tls else None}
 
 
 def _cpus_for(index: int, num_workers: int) -> list[int]:

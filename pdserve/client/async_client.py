@@ -112,13 +112,15 @@ class AsyncClient:
     """
 
     def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router",
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         # Sent with every call when the router requires API keys.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.service = check_service(service)
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # credentials: TLS, e.g. grpc.ssl_channel_credentials(ca, key, cert) for a cluster with --tls-ca.
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
+                         else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._router = router_pb2_grpc.RouterServiceStub(self._channel)
         self._decode = decode_pb2_grpc.DecodeServiceStub(self._channel)
         self._prefill = prefill_pb2_grpc.PrefillServiceStub(self._channel)

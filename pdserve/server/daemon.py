@@ -26,6 +26,7 @@ from pdserve.allocator import tune_malloc
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.server.malformed import MalformedRequestInterceptor
+from pdserve.server.tls import TlsFiles
 
 log = logging.getLogger("pdserve")
 
@@ -78,7 +79,19 @@ def parse_cpus(spec: str) -> set[int]:
     return cpus
 
 
+# This process's TLS (None: plain text), set once at start-up by `configure_tls`.
+_tls: TlsFiles | None = None
+
+
+def configure_tls(tls: TlsFiles | None) -> None:
+    global _tls
+    _tls = tls
+
+
 def channel(address: str) -> grpc.aio.Channel:
+    """A channel to another daemon: TLS (with this daemon's certificate) when the process has TLS."""
+    if _tls is not None:
+        return grpc.aio.secure_channel(address, _tls.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
@@ -107,10 +120,16 @@ class Daemon:
         """Serve; print the JSON ready line (with `ready`'s fields added) and return the address."""
         names = list(service_names)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        port = self.server.add_insecure_port(self.listen)
+        host = self.listen.rsplit(":", 1)[0]
+        if _tls is not None:
+            port = self.server.add_secure_port(self.listen, _tls.server_credentials())
+        else:
+            port = self.server.add_insecure_port(self.listen)
+            if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+                log.warning("%s listens on %s without TLS: anyone who can reach it can use it "
+                            "(--tls-cert/--tls-key/--tls-ca)", self.role, self.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.listen}")
-        host = self.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         await self.server.start()
         for name in ["", *names]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,12 +48,14 @@ _UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "su
 
 class OpenAIServer:
     def __init__(self, router, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                 timeout_s: float | None = 600.0, keys: ApiKeys | None = None) -> None:
+                 timeout_s: float | None = 600.0, keys: ApiKeys | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.router = router  # a RouterServicer
         self.model_name = model_name
         self.host, self.port = host, port
         self.timeout_s = timeout_s
         self.keys = keys or ApiKeys([])
+        self.ssl_context = ssl_context
         app = web.Application(client_max_size=8 * 2**20, middlewares=[self._authenticate])
         app.add_routes([web.get("/health", self._health), web.get("/v1/models", self._models),
                         web.post("/v1/completions", self._completions),
@@ -62,7 +65,7 @@ class OpenAIServer:
     async def start(self) -> int:
         """Listen; the bound port."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("OpenAI-compatible HTTP on %s:%d", self.host, self.port)

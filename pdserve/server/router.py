@@ -30,7 +30,7 @@ from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
-from pdserve.server import auth, daemon, observe, wire
+from pdserve.server import auth, daemon, observe, tls, wire
 from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--served-model-name", default="default", help="the model id the HTTP API answers to")
     auth.add_args(p)
+    tls.add_args(p)
     observe.add_args(p)
     return p
 
@@ -301,6 +302,8 @@ async def serve(args: argparse.Namespace) -> None:
         registry.add_static(Role.PREFILL, address)
     for address in args.decode_addr:
         registry.add_static(Role.DECODE, address)
+    tls_files = tls.TlsFiles.from_args(args)
+    daemon.configure_tls(tls_files)
     metrics = observe.start("router", args)
     servicer = RouterServicer(registry, Placer(registry), metrics)
     keys = auth.ApiKeys.from_args(args)
@@ -311,7 +314,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.http_port is not None:
         from pdserve.server.openai_http import OpenAIServer
 
-        http = OpenAIServer(servicer, args.served_model_name, args.http_host, args.http_port, keys=keys)
+        http = OpenAIServer(servicer, args.served_model_name, args.http_host, args.http_port, keys=keys,
+                            ssl_context=tls_files.http_context() if tls_files else None)
         await http.start()
     await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
                   ready={"http_port": http.port} if http else None)

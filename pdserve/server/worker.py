@@ -25,7 +25,7 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.observability.metrics import Metrics, WorkerState
 from pdserve.preprocess import Preprocessor
-from pdserve.server import daemon, observe, wire
+from pdserve.server import daemon, observe, tls, wire
 from pdserve.server.daemon import channel
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -49,6 +49,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     observe.add_args(p)
+    tls.add_args(p)
     p.add_argument("--engine-nice", type=int, default=10,
                    help="OS priority of the compute threads below the I/O thread (0: equal)")
 
@@ -188,6 +189,7 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
 
     async def serve() -> None:
         daemon.apply_process_settings(args.threads, args.cpus)
+        daemon.configure_tls(tls.TlsFiles.from_args(args))
         metrics = observe.start(name, args)
         worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics)
         d = daemon.Daemon(name, args.listen, args.grace_s, metrics)

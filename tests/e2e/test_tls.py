@@ -1,0 +1,61 @@
+"""Mutual TLS: `pdserve up --tls` serves; a client without the CA, or a worker of another CA, is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from pdserve.client import Client
+from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve.errors import PdserveError
+from pdserve.server.tls import make_local_pki
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_dir):
+    spec = ClusterSpec(num_prefill=1, num_decode=1, model=tiny_dir, dtype="float32", kv_cache_gib=0.05,
+                       heartbeat_s=0.5, tls=True, http_port=0)
+    with LocalCluster(spec) as cluster:  # started: the workers registered over mutual TLS
+        yield cluster
+
+
+def test_a_tls_cluster_serves_a_request_disaggregated(secured):
+    with Client(secured.address, credentials=secured.credentials) as client:
+        result = client.complete(prompt_token_ids=[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+                                 max_tokens=3, temperature=0.0)
+    assert result.finish_reason == "length" and result.prefill_mode == "remote"
+    assert secured.describe()["http"].startswith("https://")
+
+
+def test_clients_without_the_ca_or_without_a_certificate_are_refused(secured, tmp_path):
+    other = make_local_pki(tmp_path / "other")
+    attempts = {
+        "plain text": None,
+        "another CA": other.channel_credentials(),
+        "right CA, no client certificate": grpc.ssl_channel_credentials(open(secured.tls.ca, "rb").read()),
+    }
+    for what, credentials in attempts.items():
+        with Client(secured.address, credentials=credentials, timeout=5) as client:
+            with pytest.raises(PdserveError):
+                client.complete(prompt_token_ids=[5, 6, 7], max_tokens=2, temperature=0.0)
+            print(what, "refused")
+
+
+def test_a_worker_with_a_certificate_of_another_ca_never_joins(secured, tiny_dir, tmp_path):
+    other = make_local_pki(tmp_path / "rogue")
+    cmd = [sys.executable, "-m", "pdserve.server.decode", "--router", secured.address, "--model", tiny_dir,
+           "--dtype", "float32", "--kv-cache-gib", "0.05", "--listen", "127.0.0.1:0", "--heartbeat-s", "0.3",
+           "--tls-cert", other.cert, "--tls-key", other.key, "--tls-ca", other.ca]
+    rogue = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)  # long enough for several registration attempts
+        with Client(secured.address, credentials=secured.credentials) as client:
+            assert len(client.cluster_status()) == 2
+    finally:
+        rogue.terminate()
+        _, err = rogue.communicate(timeout=20)
+    assert "UNAVAILABLE" in err  # its registrations failed the handshake
