@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(sub.add_parser("bench", help="serving benchmark against a router, a local cluster or llama-server"))
 
+    rollout = sub.add_parser("rollout", help="split traffic over worker versions (and shadow one)")
+    rollout.add_argument("--router", required=True)
+    rollout.add_argument("--weights", default="", metavar="V=W,...", help="e.g. v1=90,v2=10 (empty: any version)")
+    rollout.add_argument("--shadow", default=None, metavar="V=FRACTION", help="e.g. v2=0.1")
+
     from pdserve.top import add_top_args
 
     add_top_args(sub.add_parser("top", help="live view of a cluster through its router"))
@@ -237,13 +242,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    def pair(text: str, field: str, kind):
+        name, sep, value = text.partition("=")
+        try:
+            if not (sep and name):
+                raise ValueError
+            return name.strip(), kind(value)
+        except ValueError:
+            raise InvalidRequestError(field, f"expected VERSION=NUMBER, got {text!r}") from None
+
+    weights = dict(pair(w, "--weights", int) for w in args.weights.split(",") if w.strip())
+    shadow_version, shadow_fraction = pair(args.shadow, "--shadow", float) if args.shadow else ("", 0.0)
+    from pdserve.client import Client
+
+    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
+        client.set_rollout(weights, shadow_version=shadow_version, shadow_fraction=shadow_fraction)
+    print(json.dumps({"weights": weights, "shadow": {shadow_version: shadow_fraction} if shadow_version else {}}))
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from pdserve.top import run_top_cli
 
     return run_top_cli(args)
 
 
-COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat, "bench": cmd_bench, "top": cmd_top}
+COMMANDS = {"generate": cmd_generate, "up": cmd_up, "chat": cmd_chat, "bench": cmd_bench, "top": cmd_top,
+            "rollout": cmd_rollout}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,8 @@ class ClusterSpec:
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     # Extra environment per worker index (prefill first), e.g. fault injection.
     worker_env: dict[int, dict[str, str]] = field(default_factory=dict)
+    # Extra flags per worker index (prefill first), e.g. {1: ["--version", "v2"]}.
+    worker_args: dict[int, list[str]] = field(default_factory=dict)
     log_path: str | None = None
 
 
@@ -166,7 +168,7 @@ class LocalCluster:
             args += ["--model", spec.model]
         if spec.dtype:
             args += ["--dtype", spec.dtype]
-        args += spec.extra_args.get(role, [])
+        args += spec.extra_args.get(role, []) + spec.worker_args.get(index, [])
         env = dict(os.environ, **spec.worker_env[index]) if index in spec.worker_env else None
         return Child(role, args, env)
 

@@ -9,6 +9,9 @@ a repeated system prompt or conversation is not templated and tokenized again.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pathlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -63,11 +66,31 @@ class PreprocessCache:
         return self.num_hits / total if total else 0.0
 
 
+def load_preprocessor(tokenizer, config_path: str | None) -> Preprocessor:
+    """The preprocessing a worker runs: the model's own, or as a JSON file sets it.
+
+    The file: {"chat_template": "...", "version": "..."} (both optional). Without a
+    version, one is derived from the file's content, so changing the file always
+    changes the version (and the cache keys, and what the router pairs).
+    """
+    if config_path is None:
+        return Preprocessor(tokenizer)
+    raw = pathlib.Path(config_path).read_bytes()
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError("preprocess_config", f"{config_path} is not valid JSON ({exc})") from None
+    version = config.get("version") or f"{PREPROCESS_VERSION}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    return Preprocessor(tokenizer, str(version), chat_template=config.get("chat_template"))
+
+
 class Preprocessor:
-    def __init__(self, tokenizer, version: str = PREPROCESS_VERSION, cache: PreprocessCache | None = None) -> None:
+    def __init__(self, tokenizer, version: str = PREPROCESS_VERSION, cache: PreprocessCache | None = None,
+                 chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.version = version
         self.cache = cache if cache is not None else PreprocessCache()
+        self.chat_template = chat_template  # None: the model's own
 
     def __call__(
         self,
@@ -116,11 +139,13 @@ class Preprocessor:
                 raise InvalidRequestError(f"messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)}, got {m.role!r}",
                                           request_id=request_id)
             self._check_text(f"messages[{i}].content", m.content, request_id)
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise InvalidRequestError("messages", "this model has no chat template; send a prompt",
                                       request_id=request_id)
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     @staticmethod
     def _check_text(field: str, text: str, request_id: str | None) -> None:

@@ -157,6 +157,7 @@ class AsyncClient:
         logprobs: int | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> AsyncGenerateStream:
         """Starts a generation; `async for` over the returned stream for its `Delta`s.
 
@@ -170,7 +171,7 @@ class AsyncClient:
             ignore_eos=ignore_eos, logprobs=logprobs)
         request = generate_request(self.service, prompt=prompt, messages=messages,
                                    prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                   request_id=request_id)
+                                   request_id=request_id, version=version)
         stub = self._router if self.service == "router" else self._decode
         # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
         call = stub.Generate(request, timeout=deadline(timeout, self._timeout),
@@ -198,6 +199,7 @@ class AsyncClient:
         logprobs: int | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> Completion:
         """Runs a generation to its end; same arguments as `generate`."""
         async with self.generate(
@@ -205,7 +207,7 @@ class AsyncClient:
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id,
+            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id, version=version,
         ) as stream:
             deltas = [delta async for delta in stream]
         assert stream.result is not None  # a stream that ends cleanly has one, or raised

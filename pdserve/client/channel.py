@@ -60,13 +60,15 @@ def generate_request(
     prompt_token_ids: Sequence[int] | None,
     sampling: Mapping[str, object],
     request_id: str | None,
+    version: str | None = None,
 ) -> Message:
-    """The request message `service`'s Generate takes."""
+    """The request message `service`'s Generate takes (`version`: pin a rollout version, A/B)."""
     if service == "decode" and request_id is None:
         # A decode daemon expects the router to have named the request.
         request_id = uuid.uuid4().hex
     request = request_pb(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids,
                          sampling=sampling, request_id=request_id)
+    request.version = version or ""
     return decode_request_pb(request) if service == "decode" else request
 
 

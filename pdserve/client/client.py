@@ -146,6 +146,7 @@ class Client:
         logprobs: int | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> GenerateStream:
         """Starts a generation; iterate the returned stream for its `Delta`s.
 
@@ -162,7 +163,7 @@ class Client:
             ignore_eos=ignore_eos, logprobs=logprobs)
         request = generate_request(self.service, prompt=prompt, messages=messages,
                                    prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                   request_id=request_id)
+                                   request_id=request_id, version=version)
         stub = self._router if self.service == "router" else self._decode
         # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
         call = stub.Generate(request, timeout=deadline(timeout, self._timeout),
@@ -190,6 +191,7 @@ class Client:
         logprobs: int | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> Completion:
         """Runs a generation to its end; same arguments as `generate`."""
         with self.generate(
@@ -197,7 +199,7 @@ class Client:
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id,
+            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id, version=version,
         ) as stream:
             deltas = list(stream)
         assert stream.result is not None  # a stream that ends cleanly has one, or raised
@@ -212,6 +214,18 @@ class Client:
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return [worker_from_pb(worker) for worker in response.workers]
+
+    def set_rollout(self, weights: dict[str, int], *, shadow_version: str = "", shadow_fraction: float = 0.0,
+                    timeout: float | None = None) -> None:
+        """Split new requests over worker versions by weight ({} : any version); optionally copy a
+        share of them to a shadow version whose answers are discarded."""
+        require(self.service, CLUSTER_SERVICES, "set_rollout")
+        request = router_pb2.RolloutRequest(weights=weights, shadow_version=shadow_version,
+                                            shadow_fraction=shadow_fraction)
+        try:
+            self._router.SetRollout(request, timeout=deadline(timeout, self._timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
 
     def stats(self, *, timeout: float | None = None) -> WorkerStats:
         """The target daemon's load and KV stats (service "decode" or "prefill")."""

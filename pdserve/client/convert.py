@@ -158,6 +158,7 @@ def worker_from_pb(pb: router_pb2.WorkerStatus) -> WorkerInfo:
         kv_layout=(f"layers={layout.num_layers} kv_heads={layout.num_kv_heads} "
                    f"head_dim={layout.head_dim} dtype={layout.dtype}"),
         last_heartbeat_age_ms=pb.last_heartbeat_age_ms,
+        version=pb.version,
     )
 
 

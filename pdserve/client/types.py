@@ -152,6 +152,8 @@ class WorkerInfo:
     # "layers=L kv_heads=H head_dim=D dtype=T".
     kv_layout: str
     last_heartbeat_age_ms: float
+    # The worker's rollout label (--version); "" when not given.
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

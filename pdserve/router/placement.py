@@ -96,23 +96,26 @@ class Placer:
         self.max_prefill_candidates = max_prefill_candidates
 
     def place(
-        self, num_prompt_tokens_estimate: int, *, exclude_decode: Set[str] = frozenset()
+        self, num_prompt_tokens_estimate: int, *, exclude_decode: Set[str] = frozenset(),
+        version: str | None = None,
     ) -> Placement:
         """Pick a decode worker and its prefill candidates for a prompt of about this size.
 
-        Raises UnavailableError when no healthy decode worker is left after `exclude_decode`.
+        `version`: only workers with that rollout label (None: any). Raises
+        UnavailableError when no healthy decode worker is left after `exclude_decode`.
         """
         if num_prompt_tokens_estimate < 0:
             raise ValueError(
                 f"num_prompt_tokens_estimate must be >= 0, got {num_prompt_tokens_estimate}"
             )
         decodes = [
-            w for w in self.registry.healthy(Role.DECODE) if w.worker_id not in exclude_decode
+            w for w in self.registry.healthy(Role.DECODE)
+            if w.worker_id not in exclude_decode and version in (None, w.info.version)
         ]
         if not decodes:
-            raise UnavailableError("no healthy decode worker")
+            raise UnavailableError("no healthy decode worker" + (f" of version {version!r}" if version else ""))
         decode, sampled = self._choose_decode(decodes, num_prompt_tokens_estimate)
-        prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate)
+        prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate, version)
         reason = _describe(decode, sampled, prefills, num_prompt_tokens_estimate)
         return Placement(decode=decode, prefills=prefills, reason=reason)
 
@@ -126,11 +129,11 @@ class Placer:
         )
         return best, sampled
 
-    def _prefill_candidates(self, decode: Worker, num_tokens: int) -> list[Worker]:
+    def _prefill_candidates(self, decode: Worker, num_tokens: int, version: str | None) -> list[Worker]:
         matching = [
             w
             for w in self.registry.healthy(Role.PREFILL)
-            if compatible(self.registry, w, decode)
+            if compatible(self.registry, w, decode) and version in (None, w.info.version)
         ]
         matching.sort(key=lambda w: (prefill_score(w, num_tokens), w.worker_id))
         return matching[: self.max_prefill_candidates]

@@ -96,6 +96,7 @@ class WorkerInfo:
     model_fingerprint: str | None  # opaque; workers are paired only when equal
     preprocessing_version: str | None  # tokenizer + chat template; must match to pair
     kv_layout: str | None  # opaque (layers, KV heads, head dim, dtype); must match to pair
+    version: str = ""  # rollout label (--version); requests may be split over versions
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):

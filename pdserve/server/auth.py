@@ -17,7 +17,8 @@ import grpc
 
 from pdserve.errors import AuthenticationError
 
-PROTECTED_GRPC_METHODS = frozenset({"/pdserve.v1.RouterService/Generate", "/pdserve.v1.RouterService/ClusterStatus"})
+PROTECTED_GRPC_METHODS = frozenset({"/pdserve.v1.RouterService/Generate", "/pdserve.v1.RouterService/ClusterStatus",
+                                    "/pdserve.v1.RouterService/SetRollout"})
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -106,6 +106,7 @@ class OpenAIServer:
             pb = self._request_pb(body, chat)
         except PdserveError as exc:
             return _error_response(exc)
+        pb.version = http.headers.get("X-Pdserve-Version", "")  # A/B: pin a rollout version
         rid = pb.request_id
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": self.model_name,
                 "object": "chat.completion.chunk" if chat else "text_completion"}

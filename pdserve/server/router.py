@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import time
 import uuid
 
@@ -26,6 +27,7 @@ import grpc
 
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.router.placement import Placement, Placer
+from pdserve.router.rollout import Rollout
 from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
@@ -66,10 +68,14 @@ def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None) -> None:
+    def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
+                 rng: random.Random | None = None) -> None:
         self.registry = registry
         self.placer = placer
         self.metrics = metrics or Metrics("router")
+        self.rollout = Rollout()
+        self._rng = rng or random.Random()
+        self._shadows: set[asyncio.Task] = set()
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
         # worker id -> its registration (fingerprint, preprocessing version, KV layout), for ClusterStatus.
         self._registrations: dict[str, router_pb2.RegisterRequest] = {}
@@ -82,7 +88,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if role is None:
                 raise InvalidRequestError("role", "must be prefill or decode")
             info = WorkerInfo(role, request.address, wire.fingerprint_str(request.model),
-                              request.preprocessing_version or None, wire.layout_str(request.kv_layout))
+                              request.preprocessing_version or None, wire.layout_str(request.kv_layout),
+                              request.version)
             worker_id = self.registry.register(request.worker_id or None, info, load_from_pb(request.load))
         except PdserveError as exc:
             await abort_with(context, exc)
@@ -110,8 +117,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 load=load_to_pb(w.load), model=reg.model if reg.HasField("model") else None,
                 preprocessing_version=reg.preprocessing_version,
                 kv_layout=reg.kv_layout if reg.HasField("kv_layout") else None,
-                last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3))
+                last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3, version=w.info.version))
         return router_pb2.ClusterStatusResponse(workers=workers)
+
+    async def SetRollout(self, request: router_pb2.RolloutRequest, context):
+        try:
+            self.rollout = Rollout(dict(request.weights), request.shadow_version, request.shadow_fraction)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+        log.info("rollout: weights %s, shadow %s at %.2f", dict(request.weights) or "none",
+                 request.shadow_version or "none", request.shadow_fraction)
+        return router_pb2.RolloutResponse(rollout=request)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -132,15 +148,38 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request.request_id = request.request_id or uuid.uuid4().hex
         attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
                  Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
+        rollout = self.rollout  # one setting for the whole request, whatever changes meanwhile
+        version = rollout.choose(self._rng, request.version)
+        shadow = rollout.shadow(self._rng, version)
+        if shadow is not None:
+            self._start_shadow(request, shadow, timeout_s)
         with tracing.span(SpanName.ROUTER_REQUEST, attrs, kind=tracing.SpanKind.SERVER):
             try:
-                async for response in self._generate(request, timeout_s, started):
+                async for response in self._generate(request, timeout_s, started, version):
                     yield response
             except PdserveError as exc:
                 observe.failed(self.metrics, exc)
                 raise
 
-    async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float):
+    def _start_shadow(self, request: common_pb2.GenerateRequest, version: str, timeout_s: float | None) -> None:
+        """A copy of the request on `version`, answers discarded (that worker's metrics count it)."""
+        copy = common_pb2.GenerateRequest()
+        copy.CopyFrom(request)
+        copy.request_id, copy.version = f"{request.request_id}-shadow", version
+
+        async def run() -> None:
+            try:
+                async for _ in self._generate(copy, timeout_s, time.monotonic(), version):
+                    pass
+            except PdserveError as exc:
+                log.info("shadow request %s on %s failed: %s", copy.request_id, version, exc)
+
+        task = asyncio.create_task(run())
+        self._shadows.add(task)  # kept referenced until done
+        task.add_done_callback(self._shadows.discard)
+
+    async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
+                        version: str | None = None):
         rid = request.request_id
         wire.sampling_from_pb(request.sampling_params)
         if request.WhichOneof("input") is None:
@@ -149,7 +188,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
         for attempt in range(MAX_PLACEMENTS):
             try:
-                placement = self._place(request, excluded, attempt)
+                placement = self._place(request, excluded, attempt, version)
             except PdserveError:
                 break
             queue_ms = (time.monotonic() - started) * 1e3
@@ -183,9 +222,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 self._finish(placement)
         raise last_error
 
-    def _place(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int) -> Placement:
-        with tracing.span(SpanName.PLACEMENT, {Attr.PLACEMENT_ATTEMPT: attempt}):
-            placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded)
+    def _place(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
+               version: str | None) -> Placement:
+        with tracing.span(SpanName.PLACEMENT, {Attr.PLACEMENT_ATTEMPT: attempt, "pdserve.version": version}):
+            placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded, version=version)
             tracing.set_attributes({
                 Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id, Attr.PLACEMENT_REASON: placement.reason,
                 Attr.PLACEMENT_PREFILL_CANDIDATES: [w.worker_id for w in placement.prefills]})

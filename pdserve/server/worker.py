@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ import grpc
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.engine_loop import EngineLoop
+from pdserve.errors import PdserveError
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.observability.metrics import Metrics, WorkerState
-from pdserve.preprocess import Preprocessor
+from pdserve.preprocess import load_preprocessor
 from pdserve.server import daemon, observe, tls, wire
 from pdserve.server.daemon import channel
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -36,6 +38,9 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
     p.add_argument("--router", default=None, help="router address to register with")
     p.add_argument("--worker-id", default=None, help="stable id (default: a random one)")
+    p.add_argument("--version", default="", help="rollout label; the router can split traffic over versions")
+    p.add_argument("--preprocess-config", default=None,
+                   help='JSON {"chat_template", "version"}; re-read on SIGHUP (default: the model\'s own)')
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
     p.add_argument("--dtype", default=None)
@@ -72,11 +77,13 @@ class Worker:
     """The engine thread and everything a servicer needs to know about this worker."""
 
     def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None, engine_nice: int = 0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, version: str = "", preprocess_config: str | None = None) -> None:
         self.role = role
         self.role_name = role_name(role)
         self.engine = engine
-        self.preprocessor = Preprocessor(engine.tokenizer)
+        self.version = version
+        self.preprocess_config = preprocess_config
+        self.preprocessor = load_preprocessor(engine.tokenizer, preprocess_config)
         self.metrics = metrics or Metrics(self.role_name)
         self._state = WorkerState()
         self.metrics.set_state_callback(lambda: self._state)
@@ -108,6 +115,17 @@ class Worker:
                                      output_tokens_per_s=recent.output_tokens_per_s,
                                      prefill_tokens_per_s=recent.prefill_tokens_per_s,
                                      p99_ttft_ms=recent.p99_ttft_ms, p99_itl_ms=recent.p99_itl_ms)
+
+    def reload_preprocessing(self) -> None:
+        """Re-read --preprocess-config (SIGHUP). Requests already tokenized keep their prompts; the
+        new version's cache starts empty, so old entries are never used again."""
+        try:
+            new = load_preprocessor(self.engine.tokenizer, self.preprocess_config)
+        except (OSError, PdserveError) as exc:
+            log.error("preprocessing not reloaded, the old one stays: %s", exc)
+            return
+        old, self.preprocessor = self.preprocessor, new
+        log.info("preprocessing reloaded: version %s -> %s", old.version, new.version)
 
     def _publish_state(self, engine: LLMEngine) -> None:
         """Engine thread, after each step: the state the metrics endpoint reads (one reference swap)."""
@@ -142,6 +160,7 @@ class RouterLink:
         self._channel = channel(self.router_address)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._task: asyncio.Task | None = None
+        self._registered_version = ""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="router-link")
@@ -156,9 +175,11 @@ class RouterLink:
         w = self.worker
         request = router_pb2.RegisterRequest(
             worker_id=w.worker_id, role=w.role, address=self.own_address, model=w.fingerprint_pb,
-            preprocessing_version=w.preprocessor.version, kv_layout=w.layout_pb, load=await w.load())
+            preprocessing_version=w.preprocessor.version, kv_layout=w.layout_pb, load=await w.load(),
+            version=w.version)
         response = await self._stub.Register(request, timeout=5.0)
         w.worker_id = response.worker_id or w.worker_id
+        self._registered_version = request.preprocessing_version
         log.info("registered with router %s as %s", self.router_address, w.worker_id)
 
     async def _run(self) -> None:
@@ -166,6 +187,8 @@ class RouterLink:
         backoff = 0.1
         while True:
             try:
+                if registered and self.worker.preprocessor.version != self._registered_version:
+                    registered = False  # reloaded preprocessing: the router must pair by the new version
                 if not registered:
                     await self._register()
                     registered, backoff = True, 0.1
@@ -191,7 +214,9 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
         daemon.apply_process_settings(args.threads, args.cpus)
         daemon.configure_tls(tls.TlsFiles.from_args(args))
         metrics = observe.start(name, args)
-        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics)
+        worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics,
+                        args.version, args.preprocess_config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, worker.reload_preprocessing)
         d = daemon.Daemon(name, args.listen, args.grace_s, metrics)
         add_servicer(worker, d.server)
         address = await d.start([service_name])

@@ -19,6 +19,29 @@ WORKER_HEALTH_HEALTHY: WorkerHealth
 WORKER_HEALTH_DRAINING: WorkerHealth
 WORKER_HEALTH_UNHEALTHY: WorkerHealth
 
+class RolloutRequest(_message.Message):
+    __slots__ = ("weights", "shadow_version", "shadow_fraction")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.ScalarMap[str, int]
+    shadow_version: str
+    shadow_fraction: float
+    def __init__(self, weights: _Optional[_Mapping[str, int]] = ..., shadow_version: _Optional[str] = ..., shadow_fraction: _Optional[float] = ...) -> None: ...
+
+class RolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: RolloutRequest
+    def __init__(self, rollout: _Optional[_Union[RolloutRequest, _Mapping]] = ...) -> None: ...
+
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -30,7 +53,7 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "health", "load", "model", "preprocessing_version", "kv_layout", "last_heartbeat_age_ms")
+    __slots__ = ("worker_id", "role", "address", "health", "load", "model", "preprocessing_version", "kv_layout", "last_heartbeat_age_ms", "version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +63,7 @@ class WorkerStatus(_message.Message):
     PREPROCESSING_VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _common_pb2.WorkerRole
     address: str
@@ -49,10 +73,11 @@ class WorkerStatus(_message.Message):
     preprocessing_version: str
     kv_layout: _common_pb2.KVLayout
     last_heartbeat_age_ms: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., preprocessing_version: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., last_heartbeat_age_ms: _Optional[float] = ...) -> None: ...
+    version: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., preprocessing_version: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., last_heartbeat_age_ms: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "preprocessing_version", "kv_layout", "load")
+    __slots__ = ("worker_id", "role", "address", "model", "preprocessing_version", "kv_layout", "load", "version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +85,7 @@ class RegisterRequest(_message.Message):
     PREPROCESSING_VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _common_pb2.WorkerRole
     address: str
@@ -67,7 +93,8 @@ class RegisterRequest(_message.Message):
     preprocessing_version: str
     kv_layout: _common_pb2.KVLayout
     load: _common_pb2.WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., preprocessing_version: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ...) -> None: ...
+    version: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., preprocessing_version: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms", "heartbeat_timeout_ms")

@@ -57,6 +57,11 @@ class RouterServiceStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SetRollout = channel.unary_unary(
+                '/pdserve.v1.RouterService/SetRollout',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_router__pb2.RolloutResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -98,6 +103,15 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRollout(self, request, context):
+        """Sets how requests are split over worker versions (and which version
+        shadows them); returns the setting now in force. INVALID_ARGUMENT for a
+        negative or all-zero weight set, or a shadow fraction outside [0, 1].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +134,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRollout,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.RolloutRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_router__pb2.RolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +251,33 @@ class RouterService:
             '/pdserve.v1.RouterService/Heartbeat',
             pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
             pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.RouterService/SetRollout',
+            pdserve_dot_v1_dot_router__pb2.RolloutRequest.SerializeToString,
+            pdserve_dot_v1_dot_router__pb2.RolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

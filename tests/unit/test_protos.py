@@ -381,7 +381,8 @@ def _message_elements(message, path):
         if not oneof.name.startswith("_"):  # synthetic oneofs of proto3 `optional`
             yield (*path, 8, i), f"{message.name}.{oneof.name}"
     for i, nested in enumerate(message.nested_type):
-        yield from _message_elements(nested, (*path, 3, i))
+        if not nested.options.map_entry:  # synthetic entries of a `map<,>` field (documented on the field)
+            yield from _message_elements(nested, (*path, 3, i))
     for i, enum in enumerate(message.enum_type):
         yield from _enum_elements(enum, (*path, 4, i))
 
