@@ -69,9 +69,10 @@ class PreprocessCache:
 def load_preprocessor(tokenizer, config_path: str | None) -> Preprocessor:
     """The preprocessing a worker runs: the model's own, or as a JSON file sets it.
 
-    The file: {"chat_template": "...", "version": "..."} (both optional). Without a
-    version, one is derived from the file's content, so changing the file always
-    changes the version (and the cache keys, and what the router pairs).
+    The file (every key optional): {"chat_template": "...", "version": "...",
+    "max_prompt_chars": N, "add_special_tokens": true}. Without a version, one is
+    derived from the file's content, so changing the file always changes the version
+    (and the cache keys, and what the router pairs).
     """
     if config_path is None:
         return Preprocessor(tokenizer)
@@ -81,16 +82,21 @@ def load_preprocessor(tokenizer, config_path: str | None) -> Preprocessor:
     except json.JSONDecodeError as exc:
         raise InvalidRequestError("preprocess_config", f"{config_path} is not valid JSON ({exc})") from None
     version = config.get("version") or f"{PREPROCESS_VERSION}-{hashlib.sha256(raw).hexdigest()[:12]}"
-    return Preprocessor(tokenizer, str(version), chat_template=config.get("chat_template"))
+    return Preprocessor(tokenizer, str(version), chat_template=config.get("chat_template"),
+                        max_prompt_chars=int(config.get("max_prompt_chars", MAX_PROMPT_CHARS)),
+                        add_special_tokens=bool(config.get("add_special_tokens", True)))
 
 
 class Preprocessor:
     def __init__(self, tokenizer, version: str = PREPROCESS_VERSION, cache: PreprocessCache | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 add_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.version = version
         self.cache = cache if cache is not None else PreprocessCache()
         self.chat_template = chat_template  # None: the model's own
+        self.max_prompt_chars = max_prompt_chars
+        self.add_special_tokens = add_special_tokens  # for plain prompts (a chat template writes its own)
 
     def __call__(
         self,
@@ -118,7 +124,7 @@ class Preprocessor:
                 # The template writes the model's special tokens itself.
                 ids = self.tokenize(self.apply_chat_template(messages, request_id), request_id, special=False)
             else:
-                ids = self.tokenize(prompt, request_id)
+                ids = self.tokenize(prompt, request_id, special=self.add_special_tokens)
             self.cache.put(key, ids)
         return ids
 
@@ -147,12 +153,11 @@ class Preprocessor:
         return self.tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
                                                   add_generation_prompt=True)
 
-    @staticmethod
-    def _check_text(field: str, text: str, request_id: str | None) -> None:
+    def _check_text(self, field: str, text: str, request_id: str | None) -> None:
         if not isinstance(text, str):
             raise InvalidRequestError(field, "must be a string", request_id=request_id)
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequestError(field, f"is {len(text)} characters, more than {MAX_PROMPT_CHARS}",
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError(field, f"is {len(text)} characters, more than {self.max_prompt_chars}",
                                       request_id=request_id)
         if "\ud800" <= max(text, default="\0") and any("\ud800" <= c <= "\udfff" for c in text):
             raise InvalidRequestError(field, "is not valid UTF-8 (lone surrogate)", request_id=request_id)

@@ -60,3 +60,25 @@ def test_cache_entries_expire_and_are_bounded():
     assert cache.get("a") is None and cache.get("b") == [2]
     clock[0] = 11.0
     assert cache.get("b") is None
+
+
+def test_preprocess_config_sets_template_limits_and_a_content_derived_version(tokenizer, tmp_path):
+    import json
+
+    from pdserve.preprocess import load_preprocessor
+
+    config = tmp_path / "pre.json"
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+                                  "max_prompt_chars": 10}))
+    a = load_preprocessor(tokenizer, str(config))
+    assert a.apply_chat_template([ChatMessage("user", "hi")]) == "[hi]"
+    with pytest.raises(InvalidRequestError, match="more than 10"):
+        a(prompt="x" * 11)
+    config.write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!", "max_prompt_chars": 10}))
+    b = load_preprocessor(tokenizer, str(config))
+    assert b.version != a.version  # another file, another version: no cache entry is shared
+    assert load_preprocessor(tokenizer, None).version == Preprocessor(tokenizer).version
+    config.write_text("{not json")
+    with pytest.raises(InvalidRequestError) as err:
+        load_preprocessor(tokenizer, str(config))
+    assert err.value.field == "preprocess_config"
