@@ -9,7 +9,11 @@ Request lifecycle (one RouterService.Generate stream):
 4. a decode worker that refuses (RESOURCE_EXHAUSTED), cannot pair
    (FAILED_PRECONDITION: the pair is remembered and never chosen again) or is
    unreachable before the first token: the request is placed again elsewhere.
-   After the first token an error ends the stream with its status.
+5. a decode worker that dies mid-generation (UNAVAILABLE after tokens went out): the
+   request resumes on another decode worker with the tokens already sent
+   (`generated_token_ids`), which prefills prompt + those tokens and continues from the
+   next one; the client sees one stream. At most --migration-limit moves per request.
+   Any other error after the first token ends the stream with its status.
 Workers register and heartbeat here; a worker that misses heartbeats is not placed on.
 """
 
@@ -69,8 +73,9 @@ def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, migration_limit: int = 3) -> None:
         self.registry = registry
+        self.migration_limit = migration_limit  # times one request may move after its decode worker died
         self.placer = placer
         self.metrics = metrics or Metrics("router")
         self.rollout = Rollout()
@@ -186,36 +191,55 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
         excluded: set[str] = set()
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
-        for attempt in range(MAX_PLACEMENTS):
+        generated: list[int] = []  # token ids already streamed to the client
+        first_ms = 0.0
+        attempt = migrations = 0
+        while attempt < MAX_PLACEMENTS:
             try:
                 placement = self._place(request, excluded, attempt, version)
             except PdserveError:
                 break
             queue_ms = (time.monotonic() - started) * 1e3
             log.debug("request %s: %s", rid, placement.reason)
-            sent_any = False
-            first_ms = 0.0
+            sent_here = False
             self._begin(placement)
             call = None
             try:
                 remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
                 call = self._decode_stub(placement.decode.address).Generate(
-                    _decode_request(request, placement), timeout=remaining, metadata=tracing.inject_metadata())
+                    _decode_request(request, placement, generated), timeout=remaining,
+                    metadata=tracing.inject_metadata())
                 async for response in call:
                     if response.WhichOneof("kind") == "result":
                         _stamp(response.result, started, queue_ms, first_ms)
                         self._observe_finished(response.result, started, first_ms)
-                    elif not sent_any:
-                        first_ms = (time.monotonic() - started) * 1e3
-                    sent_any = True
+                    else:
+                        first_ms = first_ms or (time.monotonic() - started) * 1e3
+                        generated.extend(response.delta.token_ids)
+                    sent_here = True
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
                 last_error = error_from_status(exc.code(), exc.details() or "")
-                if sent_any or exc.code() not in _RETRYABLE:
+                if generated and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The decode worker died mid-generation: resume on another, from the next token.
+                    if migrations >= self.migration_limit:
+                        raise UnavailableError(f"decode worker {placement.decode.worker_id} failed mid-generation "
+                                               f"and the request already moved {migrations} times "
+                                               f"(--migration-limit {self.migration_limit})", request_id=rid) from None
+                    migrations += 1
+                    self.registry.mark_failed(placement.decode.worker_id)
+                    excluded.add(placement.decode.worker_id)
+                    tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
+                                                         "pdserve.tokens_sent": len(generated)})
+                    log.warning("request %s: decode %s died after %d tokens; resuming elsewhere (move %d)",
+                                rid, placement.decode.worker_id, len(generated), migrations)
+                    continue
+                if sent_here or generated or exc.code() not in _RETRYABLE:
                     raise last_error from None
                 self._on_decode_failure(placement, exc)
                 excluded.add(placement.decode.worker_id)
+                attempt += 1
             finally:
                 if call is not None:
                     call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
@@ -292,9 +316,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self.registry.mark_failed(worker.worker_id)
 
 
-def _decode_request(request: common_pb2.GenerateRequest, placement: Placement) -> decode_pb2.DecodeGenerateRequest:
+def _decode_request(request: common_pb2.GenerateRequest, placement: Placement,
+                    generated: list[int]) -> decode_pb2.DecodeGenerateRequest:
+    """`generated`: tokens a failed decode worker already streamed; the new one resumes after them."""
     candidates = [decode_pb2.PrefillCandidate(worker_id=w.worker_id, address=w.address) for w in placement.prefills]
-    return decode_pb2.DecodeGenerateRequest(request=request, prefill_candidates=candidates)
+    return decode_pb2.DecodeGenerateRequest(request=request, prefill_candidates=candidates,
+                                            generated_token_ids=generated)
 
 
 def _stamp(result: common_pb2.GenerateResult, started: float, queue_ms: float, first_ms: float) -> None:
@@ -326,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
     p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
     p.add_argument("--grace-s", type=float, default=30.0)
+    p.add_argument("--migration-limit", type=int, default=3,
+                   help="how often one request may move to another decode worker when its own dies")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible HTTP API on this port (0: any free one; default: off)")
     p.add_argument("--http-host", default="127.0.0.1")
@@ -345,7 +374,7 @@ async def serve(args: argparse.Namespace) -> None:
     tls_files = tls.TlsFiles.from_args(args)
     daemon.configure_tls(tls_files)
     metrics = observe.start("router", args)
-    servicer = RouterServicer(registry, Placer(registry), metrics)
+    servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit)
     keys = auth.ApiKeys.from_args(args)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics,
                       interceptors=[auth.ApiKeyInterceptor(keys)] if keys.enabled else [])
