@@ -4,14 +4,21 @@
 it is about to send its K-th KV chunk (counted over the process's life);
 `pause_after_chunks=K` makes it stall there forever instead. Tests use it so
 that a fault lands at an exact point of a transfer, not by a race.
+The K-th chunk can also be sent damaged, for the receiver's checks to catch:
+`truncate_chunk=K` (fewer bytes than its token range needs), `reorder_chunk=K`
+(a sequence number out of order), `foreign_chunk=K` (another request's id),
+`misplace_chunk=K` (a layer index past the model's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
+
+from pdserve.kv_transfer.sender import KVChunkData
 
 log = logging.getLogger("pdserve.faults")
 
@@ -28,21 +35,36 @@ class FaultInjector:
         if not spec:
             return cls()
         key, _, value = spec.partition("=")
-        action = {"kill_after_chunks": "kill", "pause_after_chunks": "pause"}.get(key)
+        action = {"kill_after_chunks": "kill", "pause_after_chunks": "pause", "truncate_chunk": "truncate",
+                  "reorder_chunk": "reorder", "foreign_chunk": "foreign", "misplace_chunk": "misplace"}.get(key)
         if action is None:
             raise ValueError(f"PDSERVE_FAULT: unknown fault {key!r}")
         log.warning("fault injection armed: %s after %s chunks", action, value)
         return cls(action, int(value))
 
-    async def on_chunk(self, sequence_number: int) -> None:
+    async def on_chunk(self, chunk: KVChunkData) -> KVChunkData:
+        """The chunk to send (damaged when armed for it); may kill or stall the process instead."""
         if self.action is None:
-            return
+            return chunk
         self._sent += 1
         if self._sent < self.after_chunks:
-            return
+            return chunk
+        if self.action in _DAMAGE:  # the K-th chunk only
+            if self._sent > self.after_chunks:
+                return chunk
+            log.warning("fault injection: %s chunk %d", self.action, chunk.sequence_number)
+            return _DAMAGE[self.action](chunk)
         if self.action == "kill":
             log.warning("fault injection: SIGKILL")
             os.kill(os.getpid(), signal.SIGKILL)
         else:
             log.warning("fault injection: stalling")
             await asyncio.Event().wait()
+
+
+_DAMAGE = {
+    "truncate": lambda c: dataclasses.replace(c, k=c.k[:, :-1], v=c.v[:, :-1]),
+    "reorder": lambda c: dataclasses.replace(c, sequence_number=c.sequence_number + 1),
+    "foreign": lambda c: dataclasses.replace(c, request_id="another-request"),
+    "misplace": lambda c: dataclasses.replace(c, layer=c.layer + 1000),
+}

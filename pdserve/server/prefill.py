@@ -108,8 +108,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             while True:
                 item = await queue.get()
                 if isinstance(item, KVChunkData):
-                    await self.faults.on_chunk(item.sequence_number)
-                    yield wire.kv_chunk_response(item)
+                    yield wire.kv_chunk_response(await self.faults.on_chunk(item))
                     last_sent = time.monotonic()
                     first_sent = first_sent or last_sent
                     continue

@@ -155,3 +155,33 @@ def test_killed_decode_worker_is_dropped_and_avoided(tiny_dir):
             results = pending.result(60)
     assert all(r.usage.completion_tokens == 4 for r in results)
     assert gone is not None and gone <= 3 * 0.3 + 0.5  # within 3 heartbeats (plus one poll)
+
+
+def _retries(metrics_port: int) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(v) for v in re.findall(r"^pdserve_kv_transfer_retries_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+@pytest.fixture(scope="module")
+def counted_decode(tiny_dir):
+    child = start_worker("decode", tiny_dir, "--kv-stall-timeout-s", "1.0", "--metrics-port", "0")
+    yield child
+    child.stop(5)
+
+
+@pytest.mark.parametrize("fault", ["truncate_chunk=2", "reorder_chunk=2", "foreign_chunk=1", "misplace_chunk=2"])
+def test_damaged_chunks_are_detected_retried_and_counted(tiny_dir, counted_decode, healthy_prefill, expected, fault):
+    damaged = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": fault})
+    try:
+        before = _retries(counted_decode.metrics_port)
+        tokens, result = generate_via(counted_decode.address, [damaged.address, healthy_prefill.address])
+        assert tokens == expected  # never garbage with status OK
+        assert result.num_prefill_attempts == 2 and result.prefill_worker_id == "p1"
+        assert _retries(counted_decode.metrics_port) == before + 1
+        assert wait_kv_free(counted_decode.address, "decode") == 0
+        assert wait_kv_free(damaged.address, "prefill", timeout=3.0) == 0
+    finally:
+        damaged.stop(1)
