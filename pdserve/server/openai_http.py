@@ -241,7 +241,9 @@ def _error_body(exc: PdserveError) -> dict:
 
 
 def _error_response(exc: PdserveError) -> web.Response:
-    return web.json_response(_error_body(exc), status=_classify(exc)[0])
+    status = _classify(exc)[0]
+    headers = {"Retry-After": "1"} if status == 429 else None  # admission control: come back soon
+    return web.json_response(_error_body(exc), status=status, headers=headers)
 
 
 async def _json_body(http: web.Request) -> dict:

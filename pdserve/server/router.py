@@ -29,7 +29,7 @@ import uuid
 
 import grpc
 
-from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.errors import CapacityError, InvalidRequestError, PdserveError, UnavailableError
 from pdserve.router.placement import Placement, Placer
 from pdserve.router.rollout import Rollout
 from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
@@ -43,6 +43,7 @@ from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 log = logging.getLogger("pdserve.router")
 
 MAX_PLACEMENTS = 3
+RETRY_HINT_S = 1.0  # told to a client refused by admission control
 # Statuses of a decode worker, before its first token, after which another worker may serve.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.FAILED_PRECONDITION}
@@ -73,8 +74,12 @@ def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
-                 rng: random.Random | None = None, migration_limit: int = 3) -> None:
+                 rng: random.Random | None = None, migration_limit: int = 3, max_inflight: int = 0) -> None:
         self.registry = registry
+        # Admission: at most this many requests in the cluster at once (0: no bound); beyond it a
+        # request is refused at once (RESOURCE_EXHAUSTED) instead of queueing without limit.
+        self.max_inflight = max_inflight
+        self._inflight = 0
         self.migration_limit = migration_limit  # times one request may move after its decode worker died
         self.placer = placer
         self.metrics = metrics or Metrics("router")
@@ -151,6 +156,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         """
         started = time.monotonic()
         request.request_id = request.request_id or uuid.uuid4().hex
+        if self.max_inflight and self._inflight >= self.max_inflight:
+            exc = CapacityError(f"the router has {self._inflight} requests in flight (--max-inflight "
+                                f"{self.max_inflight}); retry after {RETRY_HINT_S} s", request_id=request.request_id)
+            observe.failed(self.metrics, exc)
+            raise exc
+        self._inflight += 1
+        try:
+            async for response in self._generate_admitted(request, timeout_s, started):
+                yield response
+        finally:
+            self._inflight -= 1
+
+    async def _generate_admitted(self, request: common_pb2.GenerateRequest, timeout_s: float | None,
+                                 started: float):
         attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
                  Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
         rollout = self.rollout  # one setting for the whole request, whatever changes meanwhile
@@ -353,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
     p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
     p.add_argument("--grace-s", type=float, default=30.0)
+    p.add_argument("--max-inflight", type=int, default=0,
+                   help="refuse requests (RESOURCE_EXHAUSTED) beyond this many in flight (0: no bound)")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="how often one request may move to another decode worker when its own dies")
     p.add_argument("--http-port", type=int, default=None,
@@ -374,7 +395,8 @@ async def serve(args: argparse.Namespace) -> None:
     tls_files = tls.TlsFiles.from_args(args)
     daemon.configure_tls(tls_files)
     metrics = observe.start("router", args)
-    servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit)
+    servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit,
+                              max_inflight=args.max_inflight)
     keys = auth.ApiKeys.from_args(args)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics,
                       interceptors=[auth.ApiKeyInterceptor(keys)] if keys.enabled else [])
