@@ -161,15 +161,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                 f"{self.max_inflight}); retry after {RETRY_HINT_S} s", request_id=request.request_id)
             observe.failed(self.metrics, exc)
             raise exc
-        self._inflight += 1
-        try:
-            async for response in self._generate_admitted(request, timeout_s, started):
-                yield response
-        finally:
-            self._inflight -= 1
-
-    async def _generate_admitted(self, request: common_pb2.GenerateRequest, timeout_s: float | None,
-                                 started: float):
         attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
                  Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
         rollout = self.rollout  # one setting for the whole request, whatever changes meanwhile
@@ -177,6 +168,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         shadow = rollout.shadow(self._rng, version)
         if shadow is not None:
             self._start_shadow(request, shadow, timeout_s)
+        self._inflight += 1
         with tracing.span(SpanName.ROUTER_REQUEST, attrs, kind=tracing.SpanKind.SERVER):
             try:
                 async for response in self._generate(request, timeout_s, started, version):
@@ -184,6 +176,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             except PdserveError as exc:
                 observe.failed(self.metrics, exc)
                 raise
+            finally:
+                self._inflight -= 1
 
     def _start_shadow(self, request: common_pb2.GenerateRequest, version: str, timeout_s: float | None) -> None:
         """A copy of the request on `version`, answers discarded (that worker's metrics count it)."""
