@@ -52,6 +52,11 @@ def deadline(call_timeout: float | None, default_timeout: float | None) -> float
     return call_timeout if call_timeout is not None else default_timeout
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call sends when the router requires API keys."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 def generate_request(
     service: Service,
     *,

@@ -18,6 +18,7 @@ from pdserve.client.channel import (
     GENERATE_SERVICES,
     STATS_SERVICES,
     Service,
+    auth_metadata,
     check_service,
     deadline,
     generate_request,
@@ -103,8 +104,7 @@ class Client:
     def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router",
                  api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        # Sent with every call when the router requires API keys.
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = auth_metadata(api_key)
         self.service = check_service(service)
         self._timeout = timeout
         # credentials: TLS, e.g. grpc.ssl_channel_credentials(ca, key, cert) for a cluster with --tls-ca.
