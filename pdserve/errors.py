@@ -32,9 +32,12 @@ class InvalidRequestError(PdserveError):
 
 
 class CapacityError(PdserveError):
-    """Not enough room (KV blocks, queue slots, message size) to take the request now."""
+    """Not enough room (KV blocks, queue slots, message size) to take the request now.
+
+    `retry_after_s`, when set, is when trying again makes sense (admission control)."""
 
     code = "RESOURCE_EXHAUSTED"
+    retry_after_s: float | None = None
 
 
 class IncompatibleError(PdserveError):

@@ -82,8 +82,13 @@ def error_from_status(code: grpc.StatusCode, details: str) -> PdserveError:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    """Ends the RPC with the status that `exc` maps to; never returns."""
-    await context.abort(status_code(exc), status_details(exc))
+    """Ends the RPC with the status that `exc` maps to; never returns.
+
+    A retry hint (CapacityError.retry_after_s) goes in the `grpc-retry-pushback-ms` trailer, which
+    gRPC's own retry policy honours."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    trailers = (("grpc-retry-pushback-ms", str(int(retry_after * 1e3))),) if retry_after is not None else ()
+    await context.abort(status_code(exc), status_details(exc), trailers)
     # context.abort raises; this line only satisfies NoReturn.
     raise AssertionError("grpc.aio.ServicerContext.abort returned")
 

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import Message
 
 from pdserve.client.convert import MessageLike, decode_request_pb, request_pb
-from pdserve.errors import PdserveError
+from pdserve.errors import CapacityError, PdserveError
 from pdserve.status import error_from_status
 
 Service = Literal["router", "decode", "prefill"]
@@ -85,4 +85,9 @@ def rpc_error(exc: grpc.RpcError) -> PdserveError:
     """
     code = exc.code()  # type: ignore[attr-defined]
     details = exc.details()  # type: ignore[attr-defined]
-    return error_from_status(code or grpc.StatusCode.UNKNOWN, details or "")
+    error = error_from_status(code or grpc.StatusCode.UNKNOWN, details or "")
+    trailers = getattr(exc, "trailing_metadata", lambda: None)() or ()
+    for key, value in trailers:
+        if key == "grpc-retry-pushback-ms" and isinstance(error, CapacityError) and value.isdigit():
+            error.retry_after_s = int(value) / 1e3  # the server's hint: when trying again makes sense
+    return error

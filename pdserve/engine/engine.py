@@ -257,8 +257,20 @@ class LLMEngine:
         if request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.validate_prompt(prompt, params, num_output_tokens=len(output or ()), request_id=request_id)
+        if output:
+            self._validate_resumed(output, params, request_id)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Sequence(request_id, list(prompt), params, seed, output)
+
+    def _validate_resumed(self, output: list[int], params: SamplingParams, request_id: str) -> None:
+        """Tokens generated elsewhere (a resumed request): real token ids, and room for one more."""
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in output):
+            raise InvalidRequestError("generated_token_ids", f"token ids must be in [0, {vocab})",
+                                      request_id=request_id)
+        if len(output) >= params.max_tokens:
+            raise InvalidRequestError("generated_token_ids", f"{len(output)} tokens already reach max_tokens "
+                                      f"{params.max_tokens}: nothing is left to generate", request_id=request_id)
 
     def validate_prompt(self, prompt: list[int], params: SamplingParams, *, num_output_tokens: int = 0,
                         request_id: str | None = None) -> None:

@@ -46,6 +46,8 @@ class EngineLoop:
         self.nice = nice
         # Called on the engine thread after every step (e.g. to publish the state metrics read).
         self.on_step: Callable[[LLMEngine], None] | None = None
+        # Called on the engine thread once, if the engine breaks (a daemon then stops: it cannot serve).
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
@@ -138,6 +140,8 @@ class EngineLoop:
             log.exception("engine thread died")
             self._failed = exc
             self._fail_all(exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
 
     def _run_on_step(self) -> None:
         try:

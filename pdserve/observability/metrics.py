@@ -22,6 +22,8 @@ Counters:
     pdserve_preemptions_total
     pdserve_preprocessing_failures_total
     pdserve_decode_timeouts_total
+    pdserve_slow_reader_aborts_total         requests whose client stopped reading
+    pdserve_migrations_total                 requests moved to another decode worker mid-generation
     pdserve_process_cpu_seconds_total        user + system CPU of this process
 Gauges (from the daemon's `WorkerState` callback, read once per scrape; a field
 left None is not exported):
@@ -210,9 +212,14 @@ class Metrics:
                                                      "Requests whose preprocessing failed")
         self._decode_timeouts = m.create_counter("pdserve_decode_timeouts", "{request}",
                                                  "Requests that hit their deadline while decoding")
+        self._slow_readers = m.create_counter("pdserve_slow_reader_aborts", "{request}",
+                                              "Requests aborted because their client stopped reading")
+        self._migrations = m.create_counter("pdserve_migrations", "{migration}",
+                                            "Requests moved to another decode worker mid-generation")
         # Series exist from startup, so rate() over a fresh daemon is 0 rather than absent.
         for counter in (self._prompt_tokens, self._output_tokens, self._kv_bytes, self._kv_retries,
-                        self._preemptions, self._preprocess_failures, self._decode_timeouts):
+                        self._preemptions, self._preprocess_failures, self._decode_timeouts,
+                        self._slow_readers, self._migrations):
             counter.add(0, self._attrs)
         m.create_observable_counter("pdserve_process_cpu_seconds", [self._observe_cpu], "s",
                                     "User and system CPU time of this process")
@@ -267,6 +274,12 @@ class Metrics:
 
     def inc_kv_retry(self) -> None:
         self._kv_retries.add(1, self._attrs)
+
+    def inc_slow_reader_abort(self) -> None:
+        self._slow_readers.add(1, self._attrs)
+
+    def inc_migration(self) -> None:
+        self._migrations.add(1, self._attrs)
 
     # -- observed state ---------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 1. `apply_process_settings`: torch threads and CPU affinity, before any model work.
 2. `start_server`: grpc.aio server on --listen with the standard health service
    and reflection; prints one JSON ready line with the bound address.
-3. `run_until_signal`: serve until SIGTERM/SIGINT, then mark NOT_SERVING, stop
-   taking new calls and give running ones the grace period.
+3. `run_until_signal`: serve until SIGTERM/SIGINT, then mark NOT_SERVING, run the
+   drain hooks (tell the router), stop taking new calls and give running ones the
+   grace period; shortly before it ends, the grace-end hooks end what still runs with a
+   status of their choosing (decode: UNAVAILABLE, and the router moves the request).
 """
 
 from __future__ import annotations
@@ -110,11 +112,17 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
         self.stopping = asyncio.Event()
+        self.exit_code = 0
         self._on_drain: list[Callable[[], Awaitable[None]]] = []
+        self._on_grace_end: list[Callable[[], object]] = []
 
     def on_drain(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run fn when a stop begins (before the grace period), e.g. to tell the router."""
         self._on_drain.append(fn)
+
+    def on_grace_end(self, fn: Callable[[], object]) -> None:
+        """Run fn shortly before the grace period ends, while calls can still end with a status."""
+        self._on_grace_end.append(fn)
 
     async def start(self, service_names: Iterable[str], ready: dict | None = None) -> str:
         """Serve; print the JSON ready line (with `ready`'s fields added) and return the address."""
@@ -144,6 +152,13 @@ class Daemon:
     async def _set_health(self, name: str, status) -> None:
         await self.health.set(name, status)
 
+    def fail(self, reason: str) -> None:
+        """Stop because this daemon cannot serve any more (e.g. its engine died): NOT_SERVING at once,
+        the router told, then exit with status 1 so that a supervisor starts a fresh one."""
+        log.critical("%s cannot serve: %s; stopping", self.role, reason)
+        self.exit_code = 1
+        self.stopping.set()
+
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,19 +175,29 @@ class Daemon:
                 await asyncio.wait_for(fn(), timeout=2.0)
             except Exception:  # the router may be gone; draining goes on
                 log.warning("drain hook failed", exc_info=True)
-        await self.server.stop(self.grace_s)
+        stop = asyncio.ensure_future(self.server.stop(self.grace_s))
+        # What still runs just before the grace period ends is ended with a status (e.g. UNAVAILABLE,
+        # so the router moves it), not cut off when the server cancels the remaining calls.
+        done, _ = await asyncio.wait({stop}, timeout=self.grace_s - min(1.0, self.grace_s / 2))
+        if not done:
+            for fn in self._on_grace_end:
+                fn()
+        await stop
         if self.metrics is not None:
             self.metrics.shutdown()
         tracing.shutdown_tracing()  # flushes the exporters
         log.info("%s stopped after %.1f s", self.role, time.monotonic() - started)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run a daemon's async main on uvloop (asyncio where uvloop is missing), malloc tuned."""
+def run(main: Callable[[], Awaitable[int | None]]) -> None:
+    """Run a daemon's async main on uvloop (asyncio where uvloop is missing), malloc tuned; a non-zero
+    result is the process's exit status."""
     tune_malloc()
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:
-        asyncio.run(main())
+        code = asyncio.run(main())
+    else:
+        code = uvloop.run(main())
+    if code:
+        sys.exit(code)

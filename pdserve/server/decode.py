@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,12 +31,14 @@ import grpc
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import CapacityError, DeadlineError, IncompatibleError, KVTransferError, PdserveError
+from pdserve.errors import (CapacityError, DeadlineError, IncompatibleError, InvalidRequestError, KVTransferError,
+                            PdserveError, UnavailableError)
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
-from pdserve.server import daemon, observe, wire
+from pdserve.server import daemon, observe, streams, wire
+from pdserve.server.streams import SlowReaders
 from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with, error_from_status
 from pdserve.server.prefill import SERVICE_NAME as PREFILL_SERVICE
@@ -60,6 +63,8 @@ class PrefillStub:
 class DecodeOptions:
     kv_stall_timeout_s: float = 5.0
     local_prefill_below: int = 0
+    slow_reader_timeout_s: float = streams.DEFAULT_TIMEOUT_S
+    max_output_backlog: int = 1024  # outputs produced but not yet sent; beyond it the reader is too slow
 
 
 @dataclass
@@ -79,6 +84,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.worker = worker
         self.options = options
         self._stubs: dict[str, PrefillStub] = {}
+        self.readers = SlowReaders(options.slow_reader_timeout_s, worker.metrics.inc_slow_reader_abort)
+        self._active: dict[str, Callable[[PdserveError], None]] = {}  # request id -> end it with an error
 
     async def Stats(self, request, context):
         return await self.worker.stats_response()
@@ -97,10 +104,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         metrics = w.metrics
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)  # noqa: E731
+        watch = self.readers.watch(f"decode request {rid}")
+
+        def end_with(error: PdserveError) -> None:
+            """Abort the request here (its blocks freed within a step); the stream ends with `error`."""
+            w.loop.abort(rid)
+            queue.put_nowait(RequestOutput(rid, [], "", None, finished=True, error=error))
+
+        def deliver(out: RequestOutput) -> None:  # on the event loop
+            queue.put_nowait(out)
+            if queue.qsize() > self.options.max_output_backlog:
+                watch.stall(f"{queue.qsize()} outputs not sent (--max-output-backlog)")
+
+        watch.on_stall = lambda: end_with(watch.error(rid))
+        sink = lambda out: loop.call_soon_threadsafe(deliver, out)  # noqa: E731
         attempt = _Attempt()
         finished = False
+        owned = rid not in self._active  # one id, one running request: a duplicate never touches it
         try:
+            if not owned:
+                raise InvalidRequestError("request_id", f"{rid!r} is already running on this worker")
+            self._active[rid] = end_with
             params = wire.sampling_from_pb(request.request.sampling_params)
             generated = list(request.generated_token_ids)
             remote = False
@@ -124,7 +148,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     else:
                         metrics.record_itl(now - last_token)
                     last_token = now
+                    watch.sending()
                     yield wire.delta_to_pb(out, index)
+                    watch.sent()
                     index += len(out.token_ids)
                 if finished:
                     self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
@@ -135,8 +161,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 metrics.inc_decode_timeout()
             await abort_with(context, exc)
         finally:
-            if not finished:
-                w.loop.abort(rid)
+            self.readers.release(watch)
+            if owned:
+                self._active.pop(rid, None)
+                if not finished:
+                    w.loop.abort(rid)
+
+    def evict_all(self) -> None:
+        """Shutdown, at the end of the grace period: end every running request with UNAVAILABLE, which
+        makes the router resume it on another decode worker (after the tokens already sent)."""
+        if self._active:
+            log.warning("grace period ending: %d running requests move to other decode workers", len(self._active))
+        for end_with in list(self._active.values()):
+            end_with(UnavailableError(f"decode worker {self.worker.worker_id} is shutting down"))
 
     def _observe_finished(self, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
                           ttft_ms: float | None, decode_start_ns: int) -> None:
@@ -303,13 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-stall-timeout-s", type=float, default=5.0)
     p.add_argument("--local-prefill-below", type=int, default=0,
                    help="prefill prompts shorter than this many tokens locally")
+    streams.add_args(p)
+    p.add_argument("--max-output-backlog", type=int, default=1024,
+                   help="outputs of one request made but not yet sent; beyond it the request is aborted")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    options = DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below, args.slow_reader_timeout_s,
+                            args.max_output_backlog)
+
+    def add(worker: Worker, server) -> None:
+        servicer = DecodeServicer(worker, options)
+        decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+        worker.on_grace_end.append(servicer.evict_all)
+
     run_worker(args, common_pb2.WORKER_ROLE_DECODE, decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
-               lambda worker, server: decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker, DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below)), server))
+               add)
 
 
 if __name__ == "__main__":

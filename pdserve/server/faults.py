@@ -2,7 +2,8 @@
 
 `PDSERVE_FAULT=kill_after_chunks=K` makes a prefill daemon SIGKILL itself when
 it is about to send its K-th KV chunk (counted over the process's life);
-`pause_after_chunks=K` makes it stall there forever instead. Tests use it so
+`pause_after_chunks=K` makes it stall there forever instead, and `stop_after_chunks=K`
+SIGSTOPs the whole process there, once (a test SIGCONTs it later). Tests use it so
 that a fault lands at an exact point of a transfer, not by a race.
 The K-th chunk can also be sent damaged, for the receiver's checks to catch:
 `truncate_chunk=K` (fewer bytes than its token range needs), `reorder_chunk=K`
@@ -35,7 +36,8 @@ class FaultInjector:
         if not spec:
             return cls()
         key, _, value = spec.partition("=")
-        action = {"kill_after_chunks": "kill", "pause_after_chunks": "pause", "truncate_chunk": "truncate",
+        action = {"kill_after_chunks": "kill", "pause_after_chunks": "pause",
+                  "stop_after_chunks": "stop", "truncate_chunk": "truncate",
                   "reorder_chunk": "reorder", "foreign_chunk": "foreign", "misplace_chunk": "misplace"}.get(key)
         if action is None:
             raise ValueError(f"PDSERVE_FAULT: unknown fault {key!r}")
@@ -57,6 +59,11 @@ class FaultInjector:
         if self.action == "kill":
             log.warning("fault injection: SIGKILL")
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "stop":
+            if self._sent == self.after_chunks:
+                log.warning("fault injection: SIGSTOP")
+                os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until SIGCONT, then goes on
+            return chunk
         else:
             log.warning("fault injection: stalling")
             await asyncio.Event().wait()

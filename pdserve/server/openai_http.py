@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 import time
 import uuid
@@ -33,6 +34,7 @@ from pdserve.errors import (AuthenticationError, CapacityError, DeadlineError, I
 from pdserve.observability import tracing
 from pdserve.router.registry import Role
 from pdserve.server.auth import ApiKeys
+from pdserve.server.streams import Watch
 
 log = logging.getLogger("pdserve.http")
 
@@ -111,19 +113,24 @@ class OpenAIServer:
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": self.model_name,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
         parent = tracing.extract_context([(k.lower(), v) for k, v in http.headers.items()])
+        readers = self.router.readers
         with tracing.attach(parent):
-            responses = self.router.generate(pb, self.timeout_s).__aiter__()
+            watch = readers.watch("HTTP request")
             try:
-                first = await responses.__anext__()  # errors before any output keep their HTTP status
-            except PdserveError as exc:
-                return _error_response(exc)
-            except StopAsyncIteration:
-                return _error_response(UnavailableError("the request ended without an answer", request_id=rid))
-            stream = _chain(first, responses)
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await _sse(http, stream, meta, chat, include_usage)
-            return await _whole(stream, meta, chat)
+                responses = self.router.generate(pb, self.timeout_s, watch).__aiter__()
+                try:
+                    first = await responses.__anext__()  # errors before any output keep their HTTP status
+                except PdserveError as exc:
+                    return _error_response(exc)
+                except StopAsyncIteration:
+                    return _error_response(UnavailableError("the request ended without an answer", request_id=rid))
+                stream = _chain(first, responses)
+                if body.get("stream"):
+                    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                    return await _sse(http, stream, meta, chat, include_usage, watch)
+                return await _whole(stream, meta, chat)
+            finally:
+                readers.release(watch)
 
     def _request_pb(self, body: dict, chat: bool):
         model = body.get("model")
@@ -187,12 +194,15 @@ async def _whole(stream: AsyncIterator, meta: dict, chat: bool) -> web.Response:
     return web.json_response(body)
 
 
-async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, chat: bool, include_usage: bool):
+async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, chat: bool, include_usage: bool,
+               watch: Watch):
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(http)
 
     async def send(payload: dict) -> None:
+        watch.sending()  # blocks while the client does not read (see pdserve.server.streams)
         await resp.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+        watch.sent()
 
     if chat:
         await send({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -242,7 +252,8 @@ def _error_body(exc: PdserveError) -> dict:
 
 def _error_response(exc: PdserveError) -> web.Response:
     status = _classify(exc)[0]
-    headers = {"Retry-After": "1"} if status == 429 else None  # admission control: come back soon
+    retry_after = getattr(exc, "retry_after_s", None) or 1.0  # when coming back makes sense
+    headers = {"Retry-After": str(math.ceil(retry_after))} if status == 429 else None
     return web.json_response(_error_body(exc), status=status, headers=headers)
 
 

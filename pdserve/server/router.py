@@ -2,18 +2,23 @@
 
 Request lifecycle (one RouterService.Generate stream):
 1. cheap validation (sampling parameters, an input present); a request id assigned;
-2. placement (`pdserve.router.placement`): a decode worker by KV room and load,
+2. admission (`pdserve.router.admission`): at most --max-inflight requests in the
+   cluster, up to --max-queue more wait; beyond, RESOURCE_EXHAUSTED with a retry hint;
+3. placement (`pdserve.router.placement`): a decode worker by KV room and load,
    and its ordered prefill candidates, from the load the workers report;
-3. DecodeService.Generate on the chosen worker; its stream is relayed as is,
+4. DecodeService.Generate on the chosen worker; its stream is relayed as is,
    with the router's own queue, time-to-first-token and total times in the result;
-4. a decode worker that refuses (RESOURCE_EXHAUSTED), cannot pair
+5. a decode worker that refuses (RESOURCE_EXHAUSTED), cannot pair
    (FAILED_PRECONDITION: the pair is remembered and never chosen again) or is
    unreachable before the first token: the request is placed again elsewhere.
-5. a decode worker that dies mid-generation (UNAVAILABLE after tokens went out): the
+6. a decode worker that dies mid-generation (UNAVAILABLE after tokens went out): the
    request resumes on another decode worker with the tokens already sent
    (`generated_token_ids`), which prefills prompt + those tokens and continues from the
    next one; the client sees one stream. At most --migration-limit moves per request.
-   Any other error after the first token ends the stream with its status.
+   Any other error after the first token ends the stream with its status. A decode
+   worker that drains (SIGTERM) ends what it cannot finish in its grace period the same way.
+7. a client that stops reading (`pdserve.server.streams`): past --slow-reader-timeout-s
+   the decode call is cancelled, freeing its blocks, and the stream ends RESOURCE_EXHAUSTED.
 Workers register and heartbeat here; a worker that misses heartbeats is not placed on.
 """
 
@@ -29,21 +34,22 @@ import uuid
 
 import grpc
 
-from pdserve.errors import CapacityError, InvalidRequestError, PdserveError, UnavailableError
+from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.router.admission import Admission
 from pdserve.router.placement import Placement, Placer
 from pdserve.router.rollout import Rollout
 from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
-from pdserve.server import auth, daemon, observe, tls, wire
+from pdserve.server import auth, daemon, observe, streams, tls, wire
+from pdserve.server.streams import SlowReaders
 from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
 
 MAX_PLACEMENTS = 3
-RETRY_HINT_S = 1.0  # told to a client refused by admission control
 # Statuses of a decode worker, before its first token, after which another worker may serve.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.FAILED_PRECONDITION}
@@ -74,18 +80,18 @@ def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
-                 rng: random.Random | None = None, migration_limit: int = 3, max_inflight: int = 0) -> None:
+                 rng: random.Random | None = None, migration_limit: int = 3, admission: Admission | None = None,
+                 slow_reader_timeout_s: float = streams.DEFAULT_TIMEOUT_S) -> None:
         self.registry = registry
-        # Admission: at most this many requests in the cluster at once (0: no bound); beyond it a
-        # request is refused at once (RESOURCE_EXHAUSTED) instead of queueing without limit.
-        self.max_inflight = max_inflight
-        self._inflight = 0
+        self.admission = admission or Admission()
         self.migration_limit = migration_limit  # times one request may move after its decode worker died
         self.placer = placer
         self.metrics = metrics or Metrics("router")
+        self.readers = SlowReaders(slow_reader_timeout_s, self.metrics.inc_slow_reader_abort)
         self.rollout = Rollout()
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task] = set()
+        self._running: set[str] = set()  # ids of the requests in flight: a duplicate id is refused
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
         # worker id -> its registration (fingerprint, preprocessing version, KV layout), for ClusterStatus.
         self._registrations: dict[str, router_pb2.RegisterRequest] = {}
@@ -143,41 +149,67 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Generate(self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         with tracing.attach(tracing.extract_context(context.invocation_metadata())):
+            watch = self.readers.watch("router request")
             try:
-                async for response in self.generate(request, context.time_remaining()):
+                async for response in self.generate(request, context.time_remaining(), watch):
+                    watch.sending()
                     yield response
+                    watch.sent()
             except PdserveError as exc:
                 await abort_with(context, exc)
+            finally:
+                self.readers.release(watch)
 
-    async def generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None):
+    async def generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None,
+                       watch: streams.Watch | None = None):
         """One request's responses, from the decode worker that serves it, for every front (gRPC, HTTP).
 
+        `watch`: the front's sends to its client; when the client stops reading, the decode call is
+        cancelled (its blocks freed) and the stream ends with RESOURCE_EXHAUSTED.
         Raises PdserveError when it fails (counted, and marked on the request's span).
         """
         started = time.monotonic()
         request.request_id = request.request_id or uuid.uuid4().hex
-        if self.max_inflight and self._inflight >= self.max_inflight:
-            exc = CapacityError(f"the router has {self._inflight} requests in flight (--max-inflight "
-                                f"{self.max_inflight}); retry after {RETRY_HINT_S} s", request_id=request.request_id)
+        rid = request.request_id
+        try:
+            _validate(request)  # a bad request is told at once, never queued
+            if rid in self._running:
+                raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+            self._running.add(rid)
+            try:
+                await self.admission.acquire(rid, timeout_s)
+            except BaseException:
+                self._running.discard(rid)
+                raise
+        except PdserveError as exc:
             observe.failed(self.metrics, exc)
-            raise exc
+            raise
+        try:
+            if timeout_s is not None:
+                timeout_s -= time.monotonic() - started  # what the admission queue left of it
+            async for response in self._traced(request, timeout_s, started, watch):
+                yield response
+        finally:
+            self._running.discard(rid)
+            self.admission.release()
+
+    async def _traced(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
+                      watch: streams.Watch | None):
+        """An admitted request, in its span: rollout version, shadow copy, placement and relay."""
         attrs = {Attr.REQUEST_ID: request.request_id, Attr.OPERATION: _operation(request),
                  Attr.REQUEST_MAX_TOKENS: request.sampling_params.max_tokens or None}
-        rollout = self.rollout  # one setting for the whole request, whatever changes meanwhile
-        version = rollout.choose(self._rng, request.version)
-        shadow = rollout.shadow(self._rng, version)
-        if shadow is not None:
-            self._start_shadow(request, shadow, timeout_s)
-        self._inflight += 1
         with tracing.span(SpanName.ROUTER_REQUEST, attrs, kind=tracing.SpanKind.SERVER):
             try:
-                async for response in self._generate(request, timeout_s, started, version):
+                rollout = self.rollout  # one setting for the whole request, whatever changes meanwhile
+                version = rollout.choose(self._rng, request.version)
+                shadow = rollout.shadow(self._rng, version)
+                if shadow is not None:
+                    self._start_shadow(request, shadow, timeout_s)
+                async for response in self._generate(request, timeout_s, started, version, watch):
                     yield response
             except PdserveError as exc:
                 observe.failed(self.metrics, exc)
                 raise
-            finally:
-                self._inflight -= 1
 
     def _start_shadow(self, request: common_pb2.GenerateRequest, version: str, timeout_s: float | None) -> None:
         """A copy of the request on `version`, answers discarded (that worker's metrics count it)."""
@@ -197,11 +229,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         task.add_done_callback(self._shadows.discard)
 
     async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
-                        version: str | None = None):
+                        version: str | None = None, watch: streams.Watch | None = None):
         rid = request.request_id
-        wire.sampling_from_pb(request.sampling_params)
-        if request.WhichOneof("input") is None:
-            raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
         excluded: set[str] = set()
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
         generated: list[int] = []  # token ids already streamed to the client
@@ -222,6 +251,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 call = self._decode_stub(placement.decode.address).Generate(
                     _decode_request(request, placement, generated), timeout=remaining,
                     metadata=tracing.inject_metadata())
+                if watch is not None:
+                    watch.on_stall = call.cancel  # the decode worker aborts the request and frees its blocks
                 async for response in call:
                     if response.WhichOneof("kind") == "result":
                         _stamp(response.result, started, queue_ms, first_ms)
@@ -232,21 +263,29 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     sent_here = True
                     yield response
                 return
+            except asyncio.CancelledError:
+                if watch is not None and watch.stalled:  # we cancelled the decode call: the reader is gone
+                    raise watch.error(rid) from None
+                raise
             except grpc.aio.AioRpcError as exc:
+                if watch is not None and watch.stalled:
+                    raise watch.error(rid) from None
                 last_error = error_from_status(exc.code(), exc.details() or "")
                 if generated and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    # The decode worker died mid-generation: resume on another, from the next token.
+                    # The decode worker died or drained mid-generation: resume on another, from the next token.
                     if migrations >= self.migration_limit:
                         raise UnavailableError(f"decode worker {placement.decode.worker_id} failed mid-generation "
                                                f"and the request already moved {migrations} times "
                                                f"(--migration-limit {self.migration_limit})", request_id=rid) from None
                     migrations += 1
+                    self.metrics.inc_migration()
                     self.registry.mark_failed(placement.decode.worker_id)
                     excluded.add(placement.decode.worker_id)
                     tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
                                                          "pdserve.tokens_sent": len(generated)})
-                    log.warning("request %s: decode %s died after %d tokens; resuming elsewhere (move %d)",
-                                rid, placement.decode.worker_id, len(generated), migrations)
+                    log.warning("request %s: decode %s stopped mid-generation after %d tokens (%s); resuming "
+                                "elsewhere (move %d)", rid, placement.decode.worker_id, len(generated),
+                                exc.details(), migrations)
                     continue
                 if sent_here or generated or exc.code() not in _RETRYABLE:
                     raise last_error from None
@@ -256,6 +295,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             finally:
                 if call is not None:
                     call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
+                    if watch is not None:
+                        watch.on_stall = None
                 self._finish(placement)
         raise last_error
 
@@ -329,6 +370,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self.registry.mark_failed(worker.worker_id)
 
 
+def _validate(request: common_pb2.GenerateRequest) -> None:
+    """The checks the router can make without the tokenizer (the workers make the rest)."""
+    wire.sampling_from_pb(request.sampling_params)
+    if request.WhichOneof("input") is None:
+        raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids")
+
+
 def _decode_request(request: common_pb2.GenerateRequest, placement: Placement,
                     generated: list[int]) -> decode_pb2.DecodeGenerateRequest:
     """`generated`: tokens a failed decode worker already streamed; the new one resumes after them."""
@@ -366,8 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-addr", nargs="*", default=[], help="static prefill workers")
     p.add_argument("--decode-addr", nargs="*", default=[], help="static decode workers")
     p.add_argument("--grace-s", type=float, default=30.0)
-    p.add_argument("--max-inflight", type=int, default=0,
-                   help="refuse requests (RESOURCE_EXHAUSTED) beyond this many in flight (0: no bound)")
+    p.add_argument("--max-inflight", type=int, default=256,
+                   help="requests placed on workers at once; more wait in the admission queue (0: no bound)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for admission; beyond it RESOURCE_EXHAUSTED with a retry hint")
+    p.add_argument("--queue-timeout-s", type=float, default=30.0,
+                   help="longest wait in the admission queue before RESOURCE_EXHAUSTED")
+    streams.add_args(p)
     p.add_argument("--migration-limit", type=int, default=3,
                    help="how often one request may move to another decode worker when its own dies")
     p.add_argument("--http-port", type=int, default=None,
@@ -390,7 +443,8 @@ async def serve(args: argparse.Namespace) -> None:
     daemon.configure_tls(tls_files)
     metrics = observe.start("router", args)
     servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit,
-                              max_inflight=args.max_inflight)
+                              admission=Admission(args.max_inflight, args.max_queue, args.queue_timeout_s),
+                              slow_reader_timeout_s=args.slow_reader_timeout_s)
     keys = auth.ApiKeys.from_args(args)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics,
                       interceptors=[auth.ApiKeyInterceptor(keys)] if keys.enabled else [])

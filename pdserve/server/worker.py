@@ -99,6 +99,8 @@ class Worker:
                                    self.layout_pb.dtype)
         self.pending_prefill_tokens = 0
         self.draining = False
+        # Run when a stop's grace period is about to end (e.g. move running requests elsewhere).
+        self.on_grace_end: list[Callable[[], None]] = []
 
     async def load(self) -> common_pb2.WorkerLoad:
         def read(engine: LLMEngine) -> tuple:
@@ -210,7 +212,7 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
     name = role_name(role)
     daemon.setup_logging(f"{name}[{os.getpid()}]")
 
-    async def serve() -> None:
+    async def serve() -> int:
         daemon.apply_process_settings(args.threads, args.cpus)
         daemon.configure_tls(tls.TlsFiles.from_args(args))
         metrics = observe.start(name, args)
@@ -218,15 +220,19 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
                         args.version, args.preprocess_config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, worker.reload_preprocessing)
         d = daemon.Daemon(name, args.listen, args.grace_s, metrics)
+        loop = asyncio.get_running_loop()
+        worker.loop.on_failure = lambda exc: loop.call_soon_threadsafe(d.fail, f"engine thread died: {exc!r}")
         add_servicer(worker, d.server)
         address = await d.start([service_name])
         if args.router:
             link = RouterLink(worker, args.router, address, args.heartbeat_s)
             link.start()
             d.on_drain(link.drain)
+        d.on_grace_end(lambda: [fn() for fn in worker.on_grace_end])
         try:
             await d.run_until_signal()
         finally:
             worker.close()
+        return d.exit_code
 
     daemon.run(serve)

@@ -68,7 +68,7 @@ def test_killing_a_decode_worker_loses_no_request_and_changes_no_token(cluster):
     survivors = {r.decode_worker_id for _, _, r in results}
     assert victim_id not in survivors and len(survivors) == 1
     # The victim was serving some of them when it died: the router moved each of those once.
-    moved = [line for line in cluster.test_log.read_text().splitlines() if f"decode {victim_id} died after" in line]
+    moved = [line for line in cluster.test_log.read_text().splitlines() if f"decode {victim_id} stopped mid-generation" in line]
     assert 1 <= len(moved) < len(PROMPTS)
 
 

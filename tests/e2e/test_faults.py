@@ -98,6 +98,28 @@ def test_stalled_prefill_times_out_and_falls_back_to_local(tiny_dir, decode, exp
     assert wait_kv_free(decode.address, "decode") == 0
 
 
+def test_sigstopped_prefill_is_passed_over_and_serves_again_after_sigcont(tiny_dir, decode, healthy_prefill,
+                                                                          expected):
+    frozen = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": "stop_after_chunks=1"})
+    try:
+        started = time.monotonic()
+        tokens, result = generate_via(decode.address, [frozen.address, healthy_prefill.address])
+        assert time.monotonic() - started < 10  # within the 1 s stall timeout and a backoff, not a hang
+        assert tokens == expected
+        assert result.num_prefill_attempts == 2 and result.prefill_worker_id == "p1"
+        assert wait_kv_free(decode.address, "decode") == 0
+        frozen.process.send_signal(signal.SIGCONT)
+        # Thawed: the abandoned transfer's blocks are released, and it serves the next request itself.
+        assert wait_kv_free(frozen.address, "prefill", timeout=3.0) == 0
+        tokens, result = generate_via(decode.address, [frozen.address])
+        assert tokens == expected
+        assert result.prefill_mode == common_pb2.PREFILL_MODE_REMOTE and result.prefill_worker_id == "p0"
+        assert wait_kv_free(frozen.address, "prefill", timeout=3.0) == 0
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+        frozen.stop(1)
+
+
 def test_all_prefill_workers_down_means_local_prefill(decode, expected):
     tokens, result = generate_via(decode.address, ["127.0.0.1:1", "127.0.0.1:2"])
     assert tokens == expected

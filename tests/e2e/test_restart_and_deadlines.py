@@ -1,4 +1,4 @@
-"""A restarted prefill worker rejoins without any other restart; a client deadline frees every block."""
+"""A restarted prefill or decode worker rejoins without any other restart; a client deadline frees every block."""
 
 from __future__ import annotations
 
@@ -23,26 +23,37 @@ def cluster(tiny_dir):
         yield c
 
 
-def test_a_prefill_worker_killed_and_started_again_gets_work_without_other_restarts(cluster, tiny_dir):
-    old = next(w for w in cluster.workers if w.role == "prefill")
+@pytest.mark.parametrize("role,same_address", [("prefill", False), ("decode", True)])
+def test_a_worker_killed_and_started_again_gets_work_without_other_restarts(cluster, role, same_address):
+    old = next(w for w in cluster.workers if w.role == role)
     with Client(cluster.address) as client:
         assert client.complete(prompt_token_ids=LONG_PROMPT, max_tokens=2, temperature=0.0).prefill_mode == "remote"
+        old_id = next(w.worker_id for w in client.cluster_status() if w.address == old.address)
         old.process.kill()
         old.process.wait()
-        # A new process with the same flags (a new address: port 0), as a supervisor would start it.
-        new = Child("prefill", old.args)
+        # A new process with the same flags, as a supervisor would start it: on the same address, or
+        # on a new one (port 0).
+        args = list(old.args)
+        if same_address:
+            args[args.index("--listen") + 1] = old.address
+        new = Child(role, args)
         new.start(subprocess.DEVNULL)
         try:
             new.wait_ready(60)
+            assert (new.address == old.address) == same_address
             deadline = time.monotonic() + 10
             while True:  # registered and healthy within a few heartbeats
-                if any(w.address == new.address and w.health == "healthy" for w in client.cluster_status()):
+                status = client.cluster_status()
+                joined = [w.worker_id for w in status
+                          if w.address == new.address and w.health == "healthy" and w.worker_id != old_id]
+                if joined:
                     break
-                assert time.monotonic() < deadline, "the restarted prefill worker did not rejoin"
+                assert time.monotonic() < deadline, f"the restarted {role} worker did not rejoin"
                 time.sleep(0.1)
-            for _ in range(3):  # gets work again: remote prefill on the new worker
+            for _ in range(3):  # gets work again: remote prefill, on the new worker
                 result = client.complete(prompt_token_ids=LONG_PROMPT, max_tokens=2, temperature=0.0)
                 assert result.prefill_mode == "remote"
+                assert joined[0] in (result.prefill_worker_id, result.decode_worker_id)
         finally:
             cluster.workers[cluster.workers.index(old)] = new  # stopped with the cluster
 

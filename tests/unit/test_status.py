@@ -101,8 +101,9 @@ class _FakeContext:
     def __init__(self) -> None:
         self.aborted: tuple[grpc.StatusCode, str] | None = None
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata=()) -> None:
         self.aborted = (code, details)
+        self.trailers = tuple(trailing_metadata)
         raise asyncio.CancelledError  # grpc.aio raises a private AbortError; any raise will do
 
 
@@ -112,6 +113,16 @@ def test_abort_with_sends_the_mapped_status() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(abort_with(context, exc))  # type: ignore[arg-type]
     assert context.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "request r9: no blocks")
+    assert context.trailers == ()
+
+
+def test_a_retry_hint_travels_in_the_pushback_trailer() -> None:
+    context = _FakeContext()
+    exc = CapacityError("queue full")
+    exc.retry_after_s = 1.5
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(abort_with(context, exc))  # type: ignore[arg-type]
+    assert context.trailers == (("grpc-retry-pushback-ms", "1500"),)
 
 
 def _with_request_id(exc: PdserveError, request_id: str) -> PdserveError:
