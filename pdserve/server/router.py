@@ -19,7 +19,8 @@ Request lifecycle (one RouterService.Generate stream):
    worker that drains (SIGTERM) ends what it cannot finish in its grace period the same way.
 7. a client that stops reading (`pdserve.server.streams`): past --slow-reader-timeout-s
    the decode call is cancelled, freeing its blocks, and the stream ends RESOURCE_EXHAUSTED.
-Workers register and heartbeat here; a worker that misses heartbeats is not placed on.
+Workers register and heartbeat here (`pdserve.server.membership`); a worker that misses
+heartbeats is not placed on.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.router.admission import Admission
 from pdserve.router.placement import Placement, Placer
 from pdserve.router.rollout import Rollout
-from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
+from pdserve.router.registry import Registry, Role
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import auth, daemon, observe, streams, tls, wire
+from pdserve.server.membership import Membership
 from pdserve.server.streams import SlowReaders
 from pdserve.status import abort_with, error_from_status
-from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
 
@@ -53,31 +55,6 @@ MAX_PLACEMENTS = 3
 # Statuses of a decode worker, before its first token, after which another worker may serve.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.FAILED_PRECONDITION}
-_ROLES = {common_pb2.WORKER_ROLE_PREFILL: Role.PREFILL, common_pb2.WORKER_ROLE_DECODE: Role.DECODE}
-_ROLES_PB = {v: k for k, v in _ROLES.items()}
-_HEALTH_PB = {Health.HEALTHY: router_pb2.WORKER_HEALTH_HEALTHY, Health.DRAINING: router_pb2.WORKER_HEALTH_DRAINING,
-              Health.UNHEALTHY: router_pb2.WORKER_HEALTH_UNHEALTHY}
-
-
-def load_from_pb(pb: common_pb2.WorkerLoad) -> Load:
-    return Load(num_running=pb.num_running_requests, num_waiting=pb.num_waiting_requests,
-                num_pending_prefill_tokens=pb.num_pending_prefill_tokens, kv_num_total=pb.kv.num_total,
-                kv_num_free=pb.kv.num_free, kv_num_cached=pb.kv.num_cached, kv_block_size=pb.kv.block_size,
-                kv_prefix_hit_rate=pb.kv.prefix_cache_hit_rate, output_tokens_per_s=pb.output_tokens_per_s,
-                prefill_tokens_per_s=pb.prefill_tokens_per_s, p99_ttft_ms=pb.p99_ttft_ms, p99_itl_ms=pb.p99_itl_ms)
-
-
-def load_to_pb(load: Load) -> common_pb2.WorkerLoad:
-    kv = common_pb2.KVStats(block_size=load.kv_block_size, num_total=load.kv_num_total, num_free=load.kv_num_free,
-                            num_used=load.kv_num_total - load.kv_num_free, num_cached=load.kv_num_cached,
-                            prefix_cache_hit_rate=load.kv_prefix_hit_rate)
-    return common_pb2.WorkerLoad(num_running_requests=load.num_running, num_waiting_requests=load.num_waiting,
-                                 num_pending_prefill_tokens=load.num_pending_prefill_tokens, kv=kv,
-                                 output_tokens_per_s=load.output_tokens_per_s,
-                                 prefill_tokens_per_s=load.prefill_tokens_per_s, p99_ttft_ms=load.p99_ttft_ms,
-                                 p99_itl_ms=load.p99_itl_ms)
-
-
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
                  rng: random.Random | None = None, migration_limit: int = 3, admission: Admission | None = None,
@@ -93,48 +70,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._shadows: set[asyncio.Task] = set()
         self._running: set[str] = set()  # ids of the requests in flight: a duplicate id is refused
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
-        # worker id -> its registration (fingerprint, preprocessing version, KV layout), for ClusterStatus.
-        self._registrations: dict[str, router_pb2.RegisterRequest] = {}
+        self.membership = Membership(registry)
 
-    # -- worker membership ------------------------------------------------------------
+    # -- worker membership (pdserve.server.membership) ------------------------------------
 
     async def Register(self, request: router_pb2.RegisterRequest, context):
-        role = _ROLES.get(request.role)
         try:
-            if role is None:
-                raise InvalidRequestError("role", "must be prefill or decode")
-            info = WorkerInfo(role, request.address, wire.fingerprint_str(request.model),
-                              request.preprocessing_version or None, wire.layout_str(request.kv_layout),
-                              request.version)
-            worker_id = self.registry.register(request.worker_id or None, info, load_from_pb(request.load))
+            return self.membership.register(request)
         except PdserveError as exc:
             await abort_with(context, exc)
-        self._registrations[worker_id] = request
-        log.info("registered %s %s at %s (%s)", role.value, worker_id, request.address, info.model_fingerprint)
-        interval = self.registry.heartbeat_interval_s
-        return router_pb2.RegisterResponse(worker_id=worker_id, heartbeat_interval_ms=int(interval * 1e3),
-                                           heartbeat_timeout_ms=int(self.registry.heartbeat_timeout_s * 1e3))
 
     async def Heartbeat(self, request: router_pb2.HeartbeatRequest, context):
         try:
-            known = self.registry.heartbeat(request.worker_id, load_from_pb(request.load), request.draining)
+            return self.membership.heartbeat(request)
         except PdserveError as exc:
             await abort_with(context, exc)
-        return router_pb2.HeartbeatResponse(reregister=not known)
 
     async def ClusterStatus(self, request, context):
-        now = time.monotonic()
-        empty = router_pb2.RegisterRequest()
-        workers = []
-        for w in self.registry.all():
-            reg = self._registrations.get(w.worker_id, empty)
-            workers.append(router_pb2.WorkerStatus(
-                worker_id=w.worker_id, role=_ROLES_PB[w.role], address=w.address, health=_HEALTH_PB[w.health],
-                load=load_to_pb(w.load), model=reg.model if reg.HasField("model") else None,
-                preprocessing_version=reg.preprocessing_version,
-                kv_layout=reg.kv_layout if reg.HasField("kv_layout") else None,
-                last_heartbeat_age_ms=(now - w.last_heartbeat) * 1e3, version=w.info.version))
-        return router_pb2.ClusterStatusResponse(workers=workers)
+        return self.membership.status()
 
     async def SetRollout(self, request: router_pb2.RolloutRequest, context):
         try:
@@ -346,30 +299,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             stub = self._decode_stubs[address] = decode_pb2_grpc.DecodeServiceStub(daemon.channel(address))
         return stub
 
-    # -- housekeeping ---------------------------------------------------------------------
-
-    async def maintain(self) -> None:
-        """Expire silent workers and poll static ones, once per heartbeat interval."""
-        while True:
-            for worker_id in self.registry.expire():
-                log.warning("worker %s missed its heartbeats", worker_id)
-            known = {w.worker_id for w in self.registry.all()}
-            for worker_id in self._registrations.keys() - known:  # removed after a long silence
-                del self._registrations[worker_id]
-            await asyncio.gather(*(self._poll(w) for w in self.registry.all() if w.static),
-                                 return_exceptions=True)
-            await asyncio.sleep(self.registry.heartbeat_interval_s)
-
-    async def _poll(self, worker) -> None:
-        stub_cls = (prefill_pb2_grpc.PrefillServiceStub if worker.role == Role.PREFILL
-                    else decode_pb2_grpc.DecodeServiceStub)
-        try:
-            stats = await stub_cls(daemon.channel(worker.address)).Stats(common_pb2.StatsRequest(), timeout=2.0)
-            self.registry.heartbeat(worker.worker_id, load_from_pb(stats.load))
-        except grpc.aio.AioRpcError:
-            self.registry.mark_failed(worker.worker_id)
-
-
 def _validate(request: common_pb2.GenerateRequest) -> None:
     """The checks the router can make without the tokenizer (the workers make the rest)."""
     wire.sampling_from_pb(request.sampling_params)
@@ -458,7 +387,7 @@ async def serve(args: argparse.Namespace) -> None:
         await http.start()
     await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
                   ready={"http_port": http.port} if http else None)
-    task = asyncio.create_task(servicer.maintain())
+    task = asyncio.create_task(servicer.membership.maintain())
     try:
         await d.run_until_signal()
     finally:
