@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import time
 
-from pdserve.client import Client
+from pdserve.client import AsyncClient, Client
 from pdserve.cluster import Child
 
 E2E_LOG = os.environ.get("PDSERVE_TEST_LOG")  # set to a path to keep the daemons' logs
@@ -35,3 +37,25 @@ def wait_kv_free(address: str, service: str, timeout: float = 1.0) -> int:
         time.sleep(0.05)
         used = kv_used(address, service)
     return used
+
+
+async def stream_all(address: str, prompts: list[list[int]], max_tokens: int, on_progress=None):
+    """Every prompt as one concurrent greedy stream: per prompt, (token ids, text) as streamed and the
+    result. `on_progress(counts)`, a function or a coroutine function, sees the tokens per stream so far
+    after each delta (a test injects its fault there)."""
+    async with AsyncClient(address) as client:
+        counts = [0] * len(prompts)
+
+        async def one(i):
+            stream = client.generate(prompt_token_ids=prompts[i], max_tokens=max_tokens, temperature=0.0,
+                                     ignore_eos=True)
+            ids, text = [], []
+            async for delta in stream:
+                ids += delta.token_ids
+                text.append(delta.text)
+                counts[i] += len(delta.token_ids)
+                if on_progress is not None and inspect.isawaitable(done := on_progress(counts)):
+                    await done
+            return ids, "".join(text), stream.result
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))

@@ -11,6 +11,7 @@ import pytest
 
 from pdserve.client import AsyncClient, Client
 from pdserve.cluster import ClusterSpec, LocalCluster
+from tests.cluster_helpers import stream_all
 from tests.engine_helpers import random_prompts
 
 PROMPTS = random_prompts([10 + i for i in range(8)], seed=11)
@@ -29,31 +30,17 @@ def cluster(tiny_dir, tmp_path_factory):
         yield c
 
 
-async def run_all(address: str, on_progress=None):
-    async with AsyncClient(address) as client:
-        counts = [0] * len(PROMPTS)
-
-        async def one(i):
-            stream = client.generate(prompt_token_ids=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0.0,
-                                     ignore_eos=True)
-            ids = []
-            async for delta in stream:
-                ids += delta.token_ids
-                counts[i] += len(delta.token_ids)
-                if on_progress is not None:
-                    await on_progress(counts)
-            return ids, stream.result
-
-        return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+def run_all(address: str, on_progress=None):
+    return asyncio.run(stream_all(address, PROMPTS, MAX_TOKENS, on_progress))
 
 
 def test_sigterm_stops_placement_at_once_and_unfinished_requests_move(cluster):
-    reference = asyncio.run(run_all(cluster.address))
+    reference = run_all(cluster.address)
     victim = cluster.workers[1]
     assert victim.role == "decode"
     with Client(cluster.address) as client:
         victim_id = next(w.worker_id for w in client.cluster_status() if w.address == victim.address)
-    served_by_victim = sum(r.decode_worker_id == victim_id for _, r in reference)
+    served_by_victim = sum(r.decode_worker_id == victim_id for _, _, r in reference)
     assert 0 < served_by_victim < len(PROMPTS)  # both decode workers get work
     state = {}
 
@@ -67,9 +54,9 @@ def test_sigterm_stops_placement_at_once_and_unfinished_requests_move(cluster):
                           for i in range(4)]
             state["placed_on"] = {r.decode_worker_id for r in placed}
 
-    results = asyncio.run(run_all(cluster.address, drain_when_streaming))
+    results = run_all(cluster.address, drain_when_streaming)
     assert state["placed_on"] and victim_id not in state["placed_on"]
-    for (ref_ids, _), (ids, result) in zip(reference, results):
+    for (ref_ids, _, _), (ids, _, result) in zip(reference, results):
         assert ids == ref_ids  # nothing repeated, nothing missing, same tokens
         assert result.finish_reason == "length" and result.usage.completion_tokens == MAX_TOKENS
     assert victim.process.wait(GRACE_S + 5) == 0  # a clean exit within its grace period
@@ -77,4 +64,4 @@ def test_sigterm_stops_placement_at_once_and_unfinished_requests_move(cluster):
     # It could not finish 900 tokens each in 1.5 s: what it still ran moved to the other worker.
     assert "running requests move to other decode workers" in log
     assert f"decode {victim_id} stopped mid-generation" in log
-    assert all(r.decode_worker_id != victim_id for _, r in results)
+    assert all(r.decode_worker_id != victim_id for _, _, r in results)

@@ -9,6 +9,7 @@ import pytest
 
 from pdserve.client import AsyncClient, Client
 from pdserve.cluster import ClusterSpec, LocalCluster
+from tests.cluster_helpers import stream_all
 from tests.engine_helpers import random_prompts
 
 PROMPTS = random_prompts([12 + i for i in range(16)], seed=7)
@@ -25,28 +26,12 @@ def cluster(tiny_dir, tmp_path_factory):
         yield c
 
 
-async def run_all(address: str, on_progress=None):
-    """The 16 requests concurrently: per request, the token ids and text as streamed, and the result."""
-    async with AsyncClient(address) as client:
-        counts = [0] * len(PROMPTS)
-
-        async def one(i):
-            stream = client.generate(prompt_token_ids=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0.0,
-                                     ignore_eos=True)
-            ids, text = [], []
-            async for delta in stream:
-                ids += delta.token_ids
-                text.append(delta.text)
-                counts[i] += len(delta.token_ids)
-                if on_progress is not None:
-                    on_progress(counts)
-            return ids, "".join(text), stream.result
-
-        return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+def run_all(address: str, on_progress=None):
+    return asyncio.run(stream_all(address, PROMPTS, MAX_TOKENS, on_progress))
 
 
 def test_killing_a_decode_worker_loses_no_request_and_changes_no_token(cluster):
-    reference = asyncio.run(run_all(cluster.address))
+    reference = run_all(cluster.address)
     assert all(len(ids) == MAX_TOKENS for ids, _, _ in reference)
     victim = next(w for w in cluster.workers if w.role == "decode")
     with Client(cluster.address) as client:
@@ -59,7 +44,7 @@ def test_killing_a_decode_worker_loses_no_request_and_changes_no_token(cluster):
             victim.process.send_signal(signal.SIGKILL)
             killed["at"] = list(counts)
 
-    results = asyncio.run(run_all(cluster.address, kill_when_streaming))
+    results = run_all(cluster.address, kill_when_streaming)
     assert killed and max(killed["at"]) < MAX_TOKENS
     for (ref_ids, ref_text, _), (ids, text, result) in zip(reference, results):
         assert ids == ref_ids  # nothing repeated, nothing missing, same tokens
