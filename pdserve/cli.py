@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import uuid
 
+from pdserve.client.connect import add_connect_args, connect_kwargs
 from pdserve.errors import InvalidRequestError, PdserveError
 
 EXIT_USAGE = 2
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--kv-cache-gib", type=float, default=0.5)
     gen.add_argument("--router", default=None, help="router address (instead of --local)")
+    add_connect_args(gen)
 
     up = sub.add_parser("up", help="start a local cluster: a router, prefill and decode workers")
     add_up_args(up)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--router", required=True)
     rollout.add_argument("--weights", default="", metavar="V=W,...", help="e.g. v1=90,v2=10 (empty: any version)")
     rollout.add_argument("--shadow", default=None, metavar="V=FRACTION", help="e.g. v2=0.1")
+    add_connect_args(rollout)
 
     from pdserve.top import add_top_args
 
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive chat through a router")
     chat.add_argument("--router", required=True)
+    add_connect_args(chat)
     add_sampling_args(chat)
     return parser
 
@@ -152,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     from pdserve.client import Client
 
-    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
+    with Client(args.router, **connect_kwargs(args)) as client:
         kwargs = _sampling_kwargs(args)
         if args.chat:
             stream = client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs)
@@ -216,7 +219,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pdserve.client import Client
 
     history: list[dict] = []
-    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
+    with Client(args.router, **connect_kwargs(args)) as client:
         while True:
             try:
                 line = input("you> ").strip()
@@ -256,7 +259,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     shadow_version, shadow_fraction = pair(args.shadow, "--shadow", float) if args.shadow else ("", 0.0)
     from pdserve.client import Client
 
-    with Client(args.router, api_key=os.environ.get("PDSERVE_API_KEY")) as client:
+    with Client(args.router, **connect_kwargs(args)) as client:
         client.set_rollout(weights, shadow_version=shadow_version, shadow_fraction=shadow_fraction)
     print(json.dumps({"weights": weights, "shadow": {shadow_version: shadow_fraction} if shadow_version else {}}))
     return 0

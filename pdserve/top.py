@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pdserve.client.client import Client
+from pdserve.client.connect import add_connect_args, connect_kwargs
 from pdserve.client.types import WorkerInfo
 from pdserve.errors import PdserveError
 
@@ -35,10 +36,11 @@ def add_top_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", required=True, help="router address, e.g. 127.0.0.1:50051")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit (2 if the router is unreachable)")
+    add_connect_args(p)
 
 
 def run_top_cli(args: argparse.Namespace) -> int:
-    return run_top(args.router, args.interval, args.once)
+    return run_top(args.router, args.interval, args.once, connect=connect_kwargs(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,15 +138,16 @@ def _kv_usage(used: int, total: int) -> Text:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def run_top(router: str, interval: float = 1.0, once: bool = False, *, timeout: float | None = None) -> int:
+def run_top(router: str, interval: float = 1.0, once: bool = False, *, timeout: float | None = None,
+            connect: dict | None = None) -> int:
     """Polls `router` every `interval` seconds until Ctrl-C (0); with `once`, one snapshot:
     0, or 2 and a line on stderr if the router cannot be reached. `timeout`: per call,
-    default max(interval, 2) seconds."""
+    default max(interval, 2) seconds; `connect`: api_key and credentials for the Client."""
     if not interval > 0:
         print(f"pdserve top: error: --interval: must be > 0, got {interval}", file=sys.stderr)
         return EXIT_USAGE
     call_timeout = timeout if timeout is not None else max(interval, 2.0)
-    with Client(router, timeout=call_timeout) as client:
+    with Client(router, timeout=call_timeout, **(connect or {})) as client:
         if once:
             return _print_once(client, router)
         try:

@@ -19,9 +19,10 @@ class PdserveBackend:
     """A pdserve router (or a decode worker) through pdserve.client.AsyncClient."""
 
     def __init__(self, address: str, *, name: str = "pdserve", timeout_s: float = 600.0,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, credentials=None) -> None:
         self.address = address
         self.api_key = api_key
+        self.credentials = credentials  # grpc.ChannelCredentials for a TLS router
         self.name = name
         self.timeout_s = timeout_s
         self._client = None
@@ -29,7 +30,7 @@ class PdserveBackend:
     async def start(self) -> None:
         from pdserve.client import AsyncClient
 
-        self._client = AsyncClient(self.address, api_key=self.api_key)
+        self._client = AsyncClient(self.address, api_key=self.api_key, credentials=self.credentials)
 
     async def stream(self, request: BenchRequest) -> AsyncIterator[int]:
         assert self._client is not None, "start() first"

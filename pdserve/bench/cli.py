@@ -18,16 +18,18 @@ from pdserve.bench.arrivals import Arrivals
 from pdserve.bench.backend import Backend, BenchRequest
 from pdserve.bench.stats import RequestRecord, Slo, summarize
 from pdserve.bench.workloads import DEFAULT_TOKEN_RANGE, WORKLOADS, WorkloadSpec, build
+from pdserve.client.connect import add_connect_args, connect_kwargs
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--router", help="address of a running pdserve router")
+    target.add_argument("--router", help="address of a running pdserve router (see --tls-ca, PDSERVE_API_KEY)")
     target.add_argument("--up", metavar="FLAGS", help='start a local cluster with these `pdserve up` flags, '
                                                       'e.g. "--prefill 1 --decode 1"')
     target.add_argument("--llama-server", metavar="URL", help="a running llama-server, e.g. http://127.0.0.1:8080")
     target.add_argument("--transformers", nargs="?", const="", metavar="MODEL",
                         help="transformers' static-batch generate in this process (default model: SmolLM2)")
+    add_connect_args(p)
     add_workload_args(p)
     add_arrival_args(p)
     add_report_args(p)
@@ -113,9 +115,10 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         if args.up is not None:
             cluster = start_cluster(args.up)
-            backend, default_label = _pdserve(cluster.address, cluster.api_key), "pdserve " + args.up
+            backend = _pdserve(cluster.address, api_key=cluster.api_key, credentials=cluster.credentials)
+            default_label = "pdserve " + args.up
         elif args.router:
-            backend, default_label = _pdserve(args.router), "pdserve"
+            backend, default_label = _pdserve(args.router, **connect_kwargs(args)), "pdserve"
         elif args.llama_server:
             from pdserve.bench.backends import LlamaServerBackend
 
@@ -168,7 +171,7 @@ def start_cluster(up_flags: str):
     return LocalCluster(spec).start()
 
 
-def _pdserve(address: str, api_key: str | None = None):
+def _pdserve(address: str, **connect):
     from pdserve.bench.backends import PdserveBackend
 
-    return PdserveBackend(address, api_key=api_key)
+    return PdserveBackend(address, **connect)

@@ -64,3 +64,17 @@ def test_http_needs_the_key_but_health_does_not(keyed):
     assert good.completions.create(model="default", prompt=[5, 6, 7], max_tokens=2).usage.completion_tokens == 2
     with urllib.request.urlopen(f"{http}/health", timeout=5) as r:
         assert r.status == 200
+
+
+def test_the_command_line_clients_send_the_key_from_the_environment(keyed):
+    import os
+    import subprocess
+    import sys
+
+    top = [sys.executable, "-m", "pdserve.cli", "top", "--router", keyed.address, "--once"]
+    with_key = subprocess.run(top, capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PDSERVE_API_KEY=KEY))
+    assert with_key.returncode == 0 and "prefill" in with_key.stdout, with_key.stderr
+    without = subprocess.run(top, capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"})
+    assert without.returncode == 2 and "API key is required" in without.stderr

@@ -59,3 +59,18 @@ def test_a_worker_with_a_certificate_of_another_ca_never_joins(secured, tiny_dir
         rogue.terminate()
         _, err = rogue.communicate(timeout=20)
     assert "UNAVAILABLE" in err  # its registrations failed the handshake
+
+
+def test_the_command_line_clients_speak_mutual_tls(secured):
+    t = secured.tls
+    tls = ["--tls-ca", t.ca, "--tls-cert", t.cert, "--tls-key", t.key]
+    pdserve = [sys.executable, "-m", "pdserve.cli"]
+    gen = subprocess.run([*pdserve, "generate", "--router", secured.address, *tls, "--max-tokens", "3",
+                          "--temperature", "0", "hello"], capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    top = subprocess.run([*pdserve, "top", "--router", secured.address, "--once", *tls],
+                         capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and "decode" in top.stdout, top.stderr
+    plain = subprocess.run([*pdserve, "top", "--router", secured.address, "--once"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 2  # without the files, the router is unreachable
