@@ -201,11 +201,14 @@ class LocalCluster:
         raise FatalError(f"fewer than {count} workers registered within {timeout:.0f} s")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for child in [*self.workers, *([self.router] if self.router else [])]:
+        """The workers first, all at once, so that each tells the router it drains; the router last."""
+        for child in self.workers:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
-        for child in [*self.workers, *([self.router] if self.router else [])]:
+        for child in self.workers:
             child.stop(grace_s)
+        if self.router is not None:
+            self.router.stop(grace_s)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         if self._pki_dir is not None:

@@ -56,6 +56,17 @@ SERVER_OPTIONS = [
 def setup_logging(role: str) -> None:
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_call_already_ended)
+
+
+def _call_already_ended(record: logging.LogRecord) -> bool:
+    """grpc.aio logs an ERROR with a traceback when a handler writes to, or ends, a call whose client
+    has already left (cancelled, or past its deadline): for a server that is a normal end of a
+    request, so it is kept only at DEBUG, as one line."""
+    if not record.getMessage().startswith("ExecuteBatchError raised in core"):
+        return True
+    record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
+    return log.isEnabledFor(logging.DEBUG)
 
 
 def log_request(**fields) -> None:

@@ -5,7 +5,9 @@ Request lifecycle (one RouterService.Generate stream):
 2. admission (`pdserve.router.admission`): at most --max-inflight requests in the
    cluster, up to --max-queue more wait; beyond, RESOURCE_EXHAUSTED with a retry hint;
 3. placement (`pdserve.router.placement`): a decode worker by KV room and load,
-   and its ordered prefill candidates, from the load the workers report;
+   and its ordered prefill candidates, from the load the workers report; when every
+   decode worker is unhealthy for now (missed heartbeats, a restart), the request waits
+   for one, at most --placement-wait-s;
 4. DecodeService.Generate on the chosen worker; its stream is relayed as is,
    with the router's own queue, time-to-first-token and total times in the result;
 5. a decode worker that refuses (RESOURCE_EXHAUSTED), cannot pair
@@ -52,14 +54,16 @@ from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, rout
 log = logging.getLogger("pdserve.router")
 
 MAX_PLACEMENTS = 3
+PLACEMENT_POLL_S = 0.05  # how often a request waiting for a healthy decode worker looks again
 # Statuses of a decode worker, before its first token, after which another worker may serve.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.FAILED_PRECONDITION}
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
                  rng: random.Random | None = None, migration_limit: int = 3, admission: Admission | None = None,
-                 slow_reader_timeout_s: float = streams.DEFAULT_TIMEOUT_S) -> None:
+                 slow_reader_timeout_s: float = streams.DEFAULT_TIMEOUT_S, placement_wait_s: float = 5.0) -> None:
         self.registry = registry
+        self.placement_wait_s = placement_wait_s
         self.admission = admission or Admission()
         self.migration_limit = migration_limit  # times one request may move after its decode worker died
         self.placer = placer
@@ -191,8 +195,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         attempt = migrations = 0
         while attempt < MAX_PLACEMENTS:
             try:
-                placement = self._place(request, excluded, attempt, version)
-            except PdserveError:
+                placement = await self._place_when_possible(request, excluded, attempt, version, started, timeout_s)
+            except UnavailableError as exc:
+                if not (attempt or migrations):
+                    last_error = UnavailableError(str(exc), request_id=rid)
                 break
             queue_ms = (time.monotonic() - started) * 1e3
             log.debug("request %s: %s", rid, placement.reason)
@@ -252,6 +258,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                         watch.on_stall = None
                 self._finish(placement)
         raise last_error
+
+    async def _place_when_possible(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
+                                   version: str | None, started: float, timeout_s: float | None) -> Placement:
+        """Place the request; when every decode worker that could take it is unhealthy for now (missed
+        heartbeats under load, a restart), wait for one, at most --placement-wait-s and the deadline.
+        A request no registered worker could ever take (e.g. an unknown version) fails at once."""
+        until = time.monotonic() + self.placement_wait_s
+        if timeout_s is not None:
+            until = min(until, started + timeout_s)
+        while True:
+            try:
+                return self._place(request, excluded, attempt, version)
+            except UnavailableError:
+                known = [w for w in self.registry.all() if w.role == Role.DECODE and w.worker_id not in excluded
+                         and version in (None, w.info.version)]
+                if not known or time.monotonic() >= until:
+                    raise
+                await asyncio.sleep(PLACEMENT_POLL_S)
 
     def _place(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
                version: str | None) -> Placement:
@@ -349,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for admission; beyond it RESOURCE_EXHAUSTED with a retry hint")
     p.add_argument("--queue-timeout-s", type=float, default=30.0,
                    help="longest wait in the admission queue before RESOURCE_EXHAUSTED")
+    p.add_argument("--placement-wait-s", type=float, default=5.0,
+                   help="how long a request waits for a decode worker when none is healthy for now")
     streams.add_args(p)
     p.add_argument("--migration-limit", type=int, default=3,
                    help="how often one request may move to another decode worker when its own dies")
@@ -373,7 +399,8 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = observe.start("router", args)
     servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit,
                               admission=Admission(args.max_inflight, args.max_queue, args.queue_timeout_s),
-                              slow_reader_timeout_s=args.slow_reader_timeout_s)
+                              slow_reader_timeout_s=args.slow_reader_timeout_s,
+                              placement_wait_s=args.placement_wait_s)
     keys = auth.ApiKeys.from_args(args)
     d = daemon.Daemon("router", args.listen, args.grace_s, metrics,
                       interceptors=[auth.ApiKeyInterceptor(keys)] if keys.enabled else [])
