@@ -28,12 +28,13 @@ Figures
 - transfer_s: pdserve's Prefill stream of a KV that is already computed. Before the
   rounds, the prompt is prefilled once through the same stream (untimed), which puts
   all its full blocks in the prefill daemon's prefix cache; each round then sends the
-  same prompt again: the daemon recomputes only the tokens after the last full block
-  (16 at most) and streams every layer's KV. Timed: from just before the call is made
-  to the moment the last KV chunk (received bytes == the header's num_kv_bytes) has
-  been parsed and checked the way `DecodeServicer._pull` does it: through the decode
-  daemon's `PrefillStub` (chunks decoded as views of the message), the header through a
-  `KVReceiver`, and each chunk through `KVReceiver.on_chunk` (sequence number, ranges,
+  same prompt again: the daemon streams every layer's KV from its cache and computes
+  only the tokens after the last full block (16 at most; none for the block-aligned
+  default lengths, whose last position's logits the daemon keeps). Timed: from just
+  before the call is made to the moment the last KV chunk (received bytes == the
+  header's num_kv_bytes) has been parsed and checked the way `DecodeServicer._pull`
+  does it: through the decode daemon's `PrefillStub` (chunks decoded as views of the
+  message), the header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk` (sequence number, ranges,
   byte counts, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
   own blocks, and the FirstToken message that follows the KV.
 - bytes_per_s = bytes / transfer_s.

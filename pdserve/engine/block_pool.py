@@ -44,6 +44,9 @@ class BlockPool:
         # O(1) removal from the middle (a cache hit on a free block).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        # Free blocks that hold a hash: kept as a count, since stats are read after every
+        # step and a walk of the free queue costs milliseconds with thousands of blocks.
+        self._num_cached_free = 0
 
     @property
     def num_blocks(self) -> int:
@@ -60,7 +63,7 @@ class BlockPool:
     @property
     def num_cached_free(self) -> int:
         """Free blocks that still hold a reusable prefix."""
-        return sum(1 for b in self._free if self.blocks[b].block_hash is not None)
+        return self._num_cached_free
 
     def lookup(self, block_hash: int, token_ids: Sequence[int]) -> Block | None:
         """The cached block with this hash and exactly these tokens, if any."""
@@ -76,6 +79,8 @@ class BlockPool:
         """A fresh block, evicting the least recently freed one's cached prefix."""
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        if block.block_hash is not None:
+            self._num_cached_free -= 1
         self._evict(block)
         block.ref_count = 1
         return block
@@ -84,6 +89,8 @@ class BlockPool:
         """Add a reference to a cached block (a prefix-cache hit)."""
         if block.ref_count == 0:
             del self._free[block.block_id]
+            if block.block_hash is not None:
+                self._num_cached_free -= 1
         block.ref_count += 1
 
     def release(self, block: Block) -> None:
@@ -92,11 +99,15 @@ class BlockPool:
             raise AssertionError(f"{block} released more often than taken")
         if block.ref_count == 0:
             self._free[block.block_id] = None
+            if block.block_hash is not None:
+                self._num_cached_free += 1
 
     def register(self, block: Block, block_hash: int, token_ids: Sequence[int]) -> None:
         """Make a full, computed block findable by later requests."""
         if block_hash in self._cached:
             return  # another block holds the same prefix already; keep that one
+        if block.ref_count == 0 and block.block_hash is None:
+            self._num_cached_free += 1
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self._cached[block_hash] = block.block_id

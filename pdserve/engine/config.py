@@ -19,8 +19,13 @@ class CacheConfig:
     kv_cache_gib: float | None = None
     # Share KV blocks between requests with the same prompt prefix.
     enable_prefix_caching: bool = True
+    # Prompts whose last position's logits are kept, so that a prompt found whole in the
+    # prefix cache samples without computing anything (engine/logits_cache.py); 0: off.
+    num_cached_logits: int = 32
 
     def __post_init__(self) -> None:
+        if self.num_cached_logits < 0:
+            raise InvalidRequestError("num_cached_logits", f"must be >= 0, got {self.num_cached_logits}")
         if self.block_size < 1 or self.block_size > 1024:
             raise InvalidRequestError("block_size", f"must be in [1, 1024], got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -4,8 +4,9 @@ Single-threaded by design: `engine_loop.EngineLoop` owns the one thread that
 calls it, so nothing here takes a lock. Request lifecycle:
 1. add_request: validated against the context and the pool, queued WAITING
    (or add_remote_request: blocks reserved, WAITING_FOR_REMOTE_KV).
-2. step: the scheduler picks tokens, the runner computes and samples them,
-   the output processor detokenizes and checks stop conditions.
+2. step: the scheduler picks tokens, the runner computes and samples them (a
+   prompt found whole in the prefix cache whose logits are kept samples without
+   computing: logits_cache.py), the output processor detokenizes and checks stop conditions.
 3. finished (stop, length, abort): blocks freed, a last RequestOutput emitted.
 """
 
@@ -21,6 +22,7 @@ import torch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.kv_cache_manager import KVCacheManager, KVCacheStats
+from pdserve.engine.logits_cache import PromptLogitsCache
 from pdserve.engine.model_loader import LoadedModel, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
@@ -32,8 +34,9 @@ from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 
 # Receives KV computed for export: (request_id, layer, start position, k, v), k/v [Hkv, T, D]
-# private copies (each head's rows contiguous). Called on the engine thread, layer by
-# layer, while later layers compute.
+# with each head's rows contiguous, possibly views of the cache itself: valid only during
+# the call (copy what is kept). Called on the engine thread, layer by layer, while later
+# layers compute.
 KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -65,6 +68,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         model_fn = LlamaModel(spec, model.hf_config, model.weights, self.max_model_len)
         self.runner = ModelRunner(model_fn, self.kv_cache, self.device)
+        capacity = config.cache.num_cached_logits if config.cache.enable_prefix_caching else 0
+        self.logits_cache = PromptLogitsCache(capacity)
         self.outputs = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
@@ -155,17 +160,20 @@ class LLMEngine:
 
     def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        self.last_step_tokens = sum(s.num_new_tokens for s in sched.scheduled)
         if sched.scheduled:
             now = time.monotonic()
             for s in sched.scheduled:
                 if s.seq.first_scheduled_time is None:
                     s.seq.first_scheduled_time = now
+            # Prompts found whole in the prefix cache whose logits are kept: nothing to compute.
+            kept = {s.seq.request_id: lg for s in sched.scheduled if (lg := self._cached_logits(s)) is not None}
+            computed = [s for s in sched.scheduled if s.seq.request_id not in kept]
+            self.last_step_tokens = sum(s.num_new_tokens for s in computed)
             exports = [s for s in sched.scheduled if s.seq.export_kv] if self.kv_export_sink else []
             if exports:
                 self._export_cached_prefix(exports)
                 layer_hook = self._export_hook(exports, layer_hook)
-            sampled, samples = self.runner.execute(sched.scheduled, layer_hook)
+            sampled, samples, logits = self.runner.execute(computed, layer_hook) if computed else ([], None, None)
             for s in sched.scheduled:
                 s.seq.num_computed_tokens += s.num_new_tokens
                 # max: a preempted sequence recomputes KV it has already exported.
@@ -173,8 +181,28 @@ class LLMEngine:
                 self.kv.cache_computed_blocks(s.seq)
             self.num_steps += 1
             if samples is not None:
+                self._keep_prompt_logits(sampled, logits)
                 self._process_samples([s.seq for s in sampled], samples)
+            if kept:
+                seqs = [s.seq for s in sched.scheduled if s.seq.request_id in kept]
+                self._process_samples(seqs, self.runner.sample(seqs, torch.stack([kept[q.request_id] for q in seqs])))
+        else:
+            self.last_step_tokens = 0
         return self.step_outputs()
+
+    def _cached_logits(self, s: ScheduledSeq) -> torch.Tensor | None:
+        """The kept logits of s's tokens when s only recomputes the last token of a prompt found whole in the cache."""
+        seq = s.seq
+        if s.num_new_tokens != 1 or not s.completes or seq.num_cached_tokens < seq.num_tokens:
+            return None
+        return self.logits_cache.get(seq.token_ids)
+
+    def _keep_prompt_logits(self, sampled: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """Keep the logits ending block-aligned prompts (the only ones the prefix cache can hold whole)."""
+        for i, s in enumerate(sampled):
+            seq = s.seq
+            if seq.num_output_tokens == seq.num_resumed_tokens and seq.num_tokens % self.kv.block_size == 0:
+                self.logits_cache.put(seq.token_ids, logits[i])
 
     def step_outputs(self) -> list[RequestOutput]:
         """Outputs produced since the last call (by steps, aborts or remote KV completion)."""
@@ -184,8 +212,8 @@ class LLMEngine:
     def _export_cached_prefix(self, exports: list[ScheduledSeq]) -> None:
         """Hand out KV already in the cache (a prefix hit) at once, before the step computes the rest.
 
-        A prompt found whole in the cache is sent whole: its last token's recompute
-        (for the logits) leaves the KV its shared block holds.
+        A prompt found whole in the cache is sent whole: its kept logits, or else its last
+        token's recompute (which leaves the KV its shared block holds), give the next token.
         """
         for s in exports:
             start = s.seq.num_exported_tokens
@@ -193,7 +221,7 @@ class LLMEngine:
             if start >= end:
                 continue
             for layer in range(self.spec.num_layers):
-                k, v = self.kv_cache.read(layer, s.seq.block_table, start, end)
+                k, v = self.kv_cache.export_view(layer, s.seq.block_table, start, end)
                 self.kv_export_sink(s.seq.request_id, layer, start, k, v)
             s.seq.num_exported_tokens = end
 
@@ -205,7 +233,7 @@ class LLMEngine:
                 start, end = s.seq.num_exported_tokens, s.seq.num_computed_tokens + s.num_new_tokens
                 if start >= end:
                     continue
-                k, v = self.kv_cache.read(layer, s.seq.block_table, start, end)
+                k, v = self.kv_cache.export_view(layer, s.seq.block_table, start, end)
                 sink(s.seq.request_id, layer, start, k, v)
             if inner is not None:
                 inner(layer)

@@ -108,6 +108,22 @@ class KVCache:
         v = self._block_rows(self.v[layer]).index_select(0, index).view(shape)[:, lo:hi]
         return k, v
 
+    def export_view(self, layer: int, block_table: list[int], start: int,
+                    end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions [start, end) as [Hkv, T, D], each head's rows contiguous, for export.
+
+        When the range's blocks are consecutive (the usual case: the pool hands out
+        fresh blocks in order) these are views of the cache itself, valid only until the
+        engine next writes: the exporter copies them once, into its message. Else a `read`.
+        """
+        bs = self.block_size
+        first, last = start // bs, -(-end // bs)
+        ids = block_table[first:last]
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            return self.read(layer, block_table, start, end)
+        lo = ids[0] * bs + start - first * bs
+        return self.k[layer][:, lo : lo + end - start], self.v[layer][:, lo : lo + end - start]
+
     def _block_rows(self, t: torch.Tensor) -> torch.Tensor:
         """A layer's [Hkv, slots, D] tensor as [Hkv * blocks, block_size, D]: blocks to gather by dim 0."""
         return t.view(self.num_kv_heads * self._blocks_per_head, self.block_size, self.head_dim)

@@ -39,8 +39,8 @@ class ModelRunner:
 
     def execute(
         self, scheduled: list[ScheduledSeq], layer_hook: LayerHook | None = None
-    ) -> tuple[list[ScheduledSeq], SampleOutput | None]:
-        """Forward the step; returns the sequences that sampled and their samples, in order."""
+    ) -> tuple[list[ScheduledSeq], SampleOutput | None, torch.Tensor | None]:
+        """Forward the step; returns the sequences that sampled, their samples and their [N, V] logits, in order."""
         ordered = [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
         input_ids, positions, meta = self._prepare(ordered)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, layer_hook)
@@ -52,9 +52,13 @@ class ModelRunner:
                 sampling.append(s)
                 rows.append(row - 1)
         if not sampling:
-            return [], None
+            return [], None, None
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        return sampling, self.sampler(logits, [self._sampling_row(s.seq) for s in sampling])
+        return sampling, self.sample([s.seq for s in sampling], logits), logits
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleOutput:
+        """One token per sequence from its [N, V] logits (those of its last position)."""
+        return self.sampler(logits, [self._sampling_row(seq) for seq in seqs])
 
     def _prepare(self, ordered: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         token_ids: list[int] = []

@@ -6,8 +6,9 @@ Request lifecycle (one Prefill stream):
 2. header sent: prompt token ids, model fingerprint, KV layout and byte count;
 3. queued in the engine as a one-token request that exports its KV: the
    scheduler batches it with other pending prompts (chunked to the budget);
-4. as each layer's KV is computed, the engine thread hands it to the request's
-   KVSender, which posts numbered chunks to the stream (transfer overlaps compute);
+4. as each layer's KV is computed (or at once, for a cached prefix), the engine
+   thread hands it to the request's KVSender, which cuts it into numbered chunks,
+   encodes them there and posts them to the stream (transfer overlaps compute);
 5. the sampled first token ends the stream. A cancelled stream (the decode
    worker gave up) aborts the request, freeing its blocks within one step.
 """
@@ -19,12 +20,14 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from concurrent.futures import Future
 
 import grpc
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
-from pdserve.errors import FatalError, PdserveError
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import FatalError, InvalidRequestError, PdserveError
 from pdserve.kv_transfer.protocol import WIRE_VERSION
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
 from pdserve.observability import tracing
@@ -44,6 +47,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.faults = faults or FaultInjector.from_env()
         # request id -> sender; touched only on the engine thread.
         self._senders: dict[str, KVSender] = {}
+        self._running: set[str] = set()  # ids of the prefills in progress; touched only on the event loop
         worker.engine.kv_export_sink = self._on_kv
 
     def _on_kv(self, request_id: str, layer: int, start: int, k, v) -> None:
@@ -83,32 +87,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         w = self.worker
         try:
             params, prompt = self._preprocess(rid, request)
+            if rid in self._running:  # one id, one prefill: a duplicate never touches the running one
+                raise InvalidRequestError("request_id", f"{rid!r} is already being prefilled on this worker")
         except PdserveError as exc:
             observe.failed(w.metrics, exc)
             await abort_with(context, exc)
-        yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        sender = KVSender(rid, w.geometry, loop, queue, request.max_chunk_bytes or daemon.MAX_MESSAGE_BYTES // 16)
-        # The first token is sampled here with the request's own parameters; the rest is decode's.
-        first_params = dataclasses.replace(params, max_tokens=1, stop=())
-
-        def submit(engine: LLMEngine) -> None:
-            engine.add_request(rid, prompt, first_params, export_kv=True)
-            self._senders[rid] = sender
-            w.loop.register_sink(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-
+        self._running.add(rid)
+        # Submitted before the header goes out: the engine looks the prompt up and starts
+        # exporting its KV while the header is sent (the chunks wait in the queue).
+        submitted_ns = time.time_ns()
+        submitted, sender, queue = self._submit(rid, request, params, prompt)
         w.pending_prefill_tokens += len(prompt)
         finished = False
         first_sent: float | None = None  # when the first and the last KV chunk were sent
         last_sent = 0.0
-        submitted_ns = time.time_ns()
         try:
-            await asyncio.wrap_future(w.loop.call(submit))
+            yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
+            await asyncio.wrap_future(submitted)
             while True:
                 item = await queue.get()
-                if isinstance(item, KVChunkData):
-                    yield wire.kv_chunk_response(await self.faults.on_chunk(item))
+                if isinstance(item, (bytes, KVChunkData)):
+                    yield item if isinstance(item, bytes) else wire.kv_chunk_response(await self.faults.on_chunk(item))
                     last_sent = time.monotonic()
                     first_sent = first_sent or last_sent
                     continue
@@ -127,10 +126,31 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             observe.failed(w.metrics, exc)
             await abort_with(context, exc)
         finally:
+            self._running.discard(rid)
             w.pending_prefill_tokens -= len(prompt)
             w.loop.call(lambda engine: self._senders.pop(rid, None))
             if not finished:
                 w.loop.abort(rid)
+
+    def _submit(self, rid: str, request: prefill_pb2.PrefillRequest, params: SamplingParams,
+                prompt: list[int]) -> tuple[Future[None], KVSender, asyncio.Queue]:
+        """Queue the request in the engine, its KV and outputs routed to a new queue: (future, sender, queue)."""
+        w = self.worker
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        # Chunks are encoded on the engine thread, unless fault injection may damage them first.
+        encode = wire.kv_chunk_response if self.faults.action is None else None
+        sender = KVSender(rid, w.geometry, loop, queue, request.max_chunk_bytes or daemon.MAX_MESSAGE_BYTES // 16,
+                          encode)
+        # The first token is sampled here with the request's own parameters; the rest is decode's.
+        first_params = dataclasses.replace(params, max_tokens=1, stop=())
+
+        def submit(engine: LLMEngine) -> None:
+            engine.add_request(rid, prompt, first_params, export_kv=True)
+            self._senders[rid] = sender
+            w.loop.register_sink(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+
+        return w.loop.call(submit), sender, queue
 
     def _observe_finished(self, out: RequestOutput, sender: KVSender, submitted_ns: int, kv_send_ms: float,
                           started: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -218,6 +219,10 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
         metrics = observe.start(name, args)
         worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics,
                         args.version, args.preprocess_config)
+        # What loading made (modules, tokenizer tables) lives as long as the process: out of the
+        # collector's sight, so that its full collections, which stall the I/O thread, stay short.
+        gc.collect()
+        gc.freeze()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, worker.reload_preprocessing)
         d = daemon.Daemon(name, args.listen, args.grace_s, metrics)
         loop = asyncio.get_running_loop()

@@ -97,9 +97,11 @@ def test_repeated_prompt_hits_prefix_cache(tiny_loaded, references):
 
 
 def test_whole_prompt_hit_recomputes_one_token_and_leaves_shared_kv_untouched(tiny_loaded, references):
-    """A prompt found whole in the cache: only its last token runs, and the KV it exports is the cached KV."""
+    """A prompt found whole in the cache, its logits not kept: only its last token runs, and the KV it
+    exports is the cached KV. (With the logits kept nothing runs: tests/unit/test_logits_cache.py.)"""
     prompts, refs = references
-    engine = make_engine(tiny_loaded("llama"))  # block size 4: the 64-token prompt fills 16 blocks
+    # Block size 4: the 64-token prompt fills 16 blocks.
+    engine = make_engine(tiny_loaded("llama"), num_cached_logits=0)
     prompt = prompts[-1]
     exported: dict[str, dict[int, list]] = {}
     tables: dict[str, list[int]] = {}
