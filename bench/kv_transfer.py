@@ -190,11 +190,11 @@ async def pull_kv(stub, prompt: list[int]) -> Pull:
             if receiver is None:
                 raise RuntimeError("a KV chunk before the header")
             c = msg if isinstance(msg, KVChunkView) else msg.chunk
-            _, _, k, v = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index, c.token_start,
-                                           c.token_end, c.k_bytes, c.v_bytes)
+            parts = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index, c.token_start,
+                                      c.token_end, c.k_bytes, c.v_bytes, c.num_layers)
             if not pull.chunk_sizes:
                 pull.first_chunk_s = time.perf_counter() - t0
-            pull.chunk_sizes.append(2 * k.numel() * k.element_size())
+            pull.chunk_sizes.append(sum(2 * k.numel() * k.element_size() for _, _, k, _ in parts))
             pull.num_bytes += pull.chunk_sizes[-1]
             if pull.num_bytes == receiver.header.num_kv_bytes:
                 pull.transfer_s = time.perf_counter() - t0

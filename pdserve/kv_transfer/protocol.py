@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-# 2: chunks head-major, [num_kv_heads, num_tokens, head_dim] (1 was token-major).
-WIRE_VERSION = 2
+# 3: chunks head-major, [num_kv_heads, num_tokens, head_dim] per layer, one or more consecutive
+# layers per chunk (2: one layer per chunk; 1 was token-major).
+WIRE_VERSION = 3
 # Upper bound of one chunk's K + V bytes: well under gRPC's message limit, and
 # small enough that the receiver's write of one chunk does not stall its engine step.
 MAX_CHUNK_BYTES = 4 * 2**20

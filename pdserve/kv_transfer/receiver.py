@@ -73,30 +73,37 @@ class KVReceiver:
         return list(header.prompt_token_ids)
 
     def on_chunk(self, request_id: str, sequence_number: int, layer: int, token_start: int, token_end: int,
-                 k: bytes, v: bytes) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """Check a chunk; returns (layer, start, k, v) with k, v [Hkv, T, D] ready to write."""
+                 k: bytes, v: bytes, num_layers: int = 1) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Check a chunk; returns (layer, start, k, v) per layer it covers, k, v [Hkv, T, D] ready to write."""
         rid = self.request_id
+        num_layers = num_layers or 1
         if self.header is None:
             raise KVTransferError("KV chunk before the header", request_id=rid)
         if request_id != rid:
             raise KVTransferError(f"chunk of request {request_id!r}", request_id=rid)
         if sequence_number != self._next_seq:
             raise KVTransferError(f"chunk {sequence_number} where {self._next_seq} was due", request_id=rid)
-        if not 0 <= layer < self.geometry.num_layers:
-            raise KVTransferError(f"chunk for layer {layer}", request_id=rid)
-        if token_start != self._layer_tokens[layer] or not token_start < token_end <= self.num_prompt_tokens:
-            raise KVTransferError(f"layer {layer} chunk [{token_start}, {token_end}) does not continue at "
-                                  f"{self._layer_tokens[layer]}", request_id=rid)
-        num_bytes = (token_end - token_start) * self.geometry.bytes_per_token
-        if len(k) != num_bytes or len(v) != num_bytes:
-            raise KVTransferError(f"chunk {sequence_number} has {len(k)}/{len(v)} bytes, expected {num_bytes}",
-                                  request_id=rid)
+        layers = range(layer, layer + num_layers)
+        if not 0 <= layer < layer + num_layers <= self.geometry.num_layers:
+            raise KVTransferError(f"chunk for layers [{layer}, {layer + num_layers})", request_id=rid)
+        for i in layers:
+            if token_start != self._layer_tokens[i] or not token_start < token_end <= self.num_prompt_tokens:
+                raise KVTransferError(f"layer {i} chunk [{token_start}, {token_end}) does not continue at "
+                                      f"{self._layer_tokens[i]}", request_id=rid)
+        per_layer = (token_end - token_start) * self.geometry.bytes_per_token
+        if len(k) != num_layers * per_layer or len(v) != num_layers * per_layer:
+            raise KVTransferError(f"chunk {sequence_number} has {len(k)}/{len(v)} bytes, expected "
+                                  f"{num_layers * per_layer}", request_id=rid)
         self._next_seq += 1
-        self._layer_tokens[layer] = token_end
         self._received_bytes += len(k) + len(v)
         shape = (self.geometry.num_kv_heads, token_end - token_start, self.geometry.head_dim)
-        return layer, token_start, tensor_from_bytes(k, self.torch_dtype, shape), \
-            tensor_from_bytes(v, self.torch_dtype, shape)
+        out = []
+        for n, i in enumerate(layers):
+            self._layer_tokens[i] = token_end
+            lo, hi = n * per_layer, (n + 1) * per_layer
+            out.append((i, token_start, tensor_from_bytes(k[lo:hi], self.torch_dtype, shape),
+                        tensor_from_bytes(v[lo:hi], self.torch_dtype, shape)))
+        return out
 
     def check_complete(self) -> None:
         rid = self.request_id

@@ -1,15 +1,20 @@
-"""Prefill side: KV computed layer by layer becomes numbered chunks on a queue.
+"""The sending side of a KV transfer: the engine's exported KV, cut into numbered chunks.
 
-`on_kv` is called on the engine thread as each layer's KV is computed; it cuts
-the token range into chunks of at most max_chunk_bytes and posts them to the
-request's queue on the event loop, where the Prefill handler streams them.
+`on_kv` is called on the engine thread as each layer's KV is computed, every
+layer in order for one token range at a time (a cached prefix, then each compute
+step). A range longer than one chunk holds is cut into chunks of at most
+max_chunk_bytes, one layer each; a shorter one is sent for several consecutive
+layers in one chunk, as many as fit (always ending a chunk at the last layer):
+fewer, larger messages cost less per byte on both sides. Chunks are numbered
+from 0 without gaps and posted to the request's queue on the event loop, where
+the Prefill handler streams them.
 With an `encode` function (the transport's message encoder) each chunk is posted
 as its encoded message, made here on the engine thread: the event loop, which
 paces the stream, then only hands bytes to the transport. Without one the chunk
 itself is posted, for the handler to encode (or damage, under fault injection).
-The engine's KV may be views of its cache, valid only during on_kv: encoded, each
-head's rows are copied once, into the message; posted unencoded, they are copied first.
-Chunks are numbered from 0 without gaps.
+The engine's KV may be views of its cache, valid until its step ends (a layer's
+forward writes only its own layer): encoded, each head's rows are copied once,
+into the message; posted unencoded, they are copied first.
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ class KVChunkData:
     layer: int
     token_start: int
     token_end: int
-    k: torch.Tensor  # [Hkv, T, D], each head's rows contiguous
+    k: torch.Tensor  # [Hkv, T, D] of `layer`, each head's rows contiguous
     v: torch.Tensor
+    # (k, v) of the next layers, layer + 1, layer + 2, ..., for the same tokens.
+    more_layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + len(self.more_layers)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.k, self.v), *self.more_layers]
 
     @property
     def num_bytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+        return sum((k.numel() + v.numel()) * k.element_size() for k, v in self.layers())
 
 
 # A chunk as the transport's message (the daemon's wire encoding); runs on the engine thread.
@@ -48,6 +62,8 @@ class KVSender:
                  encode: ChunkEncoder | None = None) -> None:
         self.request_id = request_id
         self.chunk_tokens = geometry.chunk_tokens(max_chunk_bytes)
+        self.num_layers = geometry.num_layers
+        self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (layer, start, k, v) to group
         self._loop = loop
         self._queue = queue
         self._encode = encode
@@ -56,13 +72,33 @@ class KVSender:
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Engine thread: k, v [Hkv, T, D] of positions [start, start + T) of one layer."""
-        for lo in range(0, k.shape[1], self.chunk_tokens):
-            hi = min(lo + self.chunk_tokens, k.shape[1])
-            k_part, v_part = k[:, lo:hi].cpu(), v[:, lo:hi].cpu()
-            if self._encode is None:  # kept past this call: a copy of the engine's memory
-                k_part, v_part = k_part.clone(), v_part.clone()
-            chunk = KVChunkData(self.request_id, self.num_chunks, layer, start + lo, start + hi, k_part, v_part)
-            self.num_chunks += 1
-            self.num_bytes += chunk.num_bytes
-            item = chunk if self._encode is None else self._encode(chunk)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        num_tokens = k.shape[1]
+        if self._pending:
+            last_layer, last_start, last_k, _ = self._pending[-1]
+            if (layer, start, num_tokens) != (last_layer + 1, last_start, last_k.shape[1]):
+                self._flush()  # not the next layer of the same range (the engine never does this)
+        if num_tokens > self.chunk_tokens // 2:  # one layer's range fills a chunk, or more: cut it
+            for lo in range(0, num_tokens, self.chunk_tokens):
+                hi = min(lo + self.chunk_tokens, num_tokens)
+                self._post(layer, start + lo, start + hi, [(k[:, lo:hi], v[:, lo:hi])])
+            return
+        self._pending.append((layer, start, k, v))
+        if len(self._pending) == self.chunk_tokens // num_tokens or layer == self.num_layers - 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            first, start, k, _ = self._pending[0]
+            self._post(first, start, start + k.shape[1], [(k, v) for _, _, k, v in self._pending])
+            self._pending = []
+
+    def _post(self, layer: int, start: int, end: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        parts = [(k.cpu(), v.cpu()) for k, v in kv]
+        if self._encode is None:  # kept past this step: a copy of the engine's memory
+            parts = [(k.clone(), v.clone()) for k, v in parts]
+        (k, v), *more = parts
+        chunk = KVChunkData(self.request_id, self.num_chunks, layer, start, end, k, v, tuple(more))
+        self.num_chunks += 1
+        self.num_bytes += chunk.num_bytes
+        item = chunk if self._encode is None else self._encode(chunk)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)

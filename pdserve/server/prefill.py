@@ -28,7 +28,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import FatalError, InvalidRequestError, PdserveError
-from pdserve.kv_transfer.protocol import WIRE_VERSION
+from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
@@ -42,9 +42,11 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_na
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, worker: Worker, faults: FaultInjector | None = None) -> None:
+    def __init__(self, worker: Worker, faults: FaultInjector | None = None,
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
         self.worker = worker
         self.faults = faults or FaultInjector.from_env()
+        self.max_chunk_bytes = max_chunk_bytes  # a decode worker may ask for smaller chunks, not larger
         # request id -> sender; touched only on the engine thread.
         self._senders: dict[str, KVSender] = {}
         self._running: set[str] = set()  # ids of the prefills in progress; touched only on the event loop
@@ -102,7 +104,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         first_sent: float | None = None  # when the first and the last KV chunk were sent
         last_sent = 0.0
         try:
-            yield prefill_pb2.PrefillResponse(header=self._header(rid, prompt))
+            yield prefill_pb2.PrefillResponse(header=self._header(rid, request, prompt))
             await asyncio.wrap_future(submitted)
             while True:
                 item = await queue.get()
@@ -140,8 +142,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         loop = asyncio.get_running_loop()
         # Chunks are encoded on the engine thread, unless fault injection may damage them first.
         encode = wire.kv_chunk_response if self.faults.action is None else None
-        sender = KVSender(rid, w.geometry, loop, queue, request.max_chunk_bytes or daemon.MAX_MESSAGE_BYTES // 16,
-                          encode)
+        sender = KVSender(rid, w.geometry, loop, queue, self._chunk_bytes(request), encode)
         # The first token is sampled here with the request's own parameters; the rest is decode's.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
 
@@ -170,12 +171,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         tracing.record_span(SpanName.KV_SEND, now_ns - int(kv_send_ms * 1e6), now_ns, {
             Attr.KV_BYTES: sender.num_bytes, Attr.KV_CHUNKS: sender.num_chunks})
 
-    def _header(self, rid: str, prompt: list[int]) -> prefill_pb2.KVHeader:
+    def _chunk_bytes(self, request: prefill_pb2.PrefillRequest) -> int:
+        return min(request.max_chunk_bytes or self.max_chunk_bytes, self.max_chunk_bytes)
+
+    def _header(self, rid: str, request: prefill_pb2.PrefillRequest, prompt: list[int]) -> prefill_pb2.KVHeader:
         w = self.worker
         return prefill_pb2.KVHeader(
             wire_version=WIRE_VERSION, request_id=rid, prompt_token_ids=prompt, num_prompt_tokens=len(prompt),
             model=w.fingerprint_pb, kv_layout=w.layout_pb, num_kv_bytes=w.geometry.total_bytes(len(prompt)),
-            chunk_tokens=w.geometry.chunk_tokens(), prefill_worker_id=w.worker_id)
+            chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)), prefill_worker_id=w.worker_id)
 
     def _first_token(self, rid: str, out: RequestOutput, started: float) -> prefill_pb2.FirstToken:
         total_ms = (time.monotonic() - started) * 1e3
@@ -205,13 +209,17 @@ def add_prefill_service(servicer: PrefillServicer, server: grpc.aio.Server) -> N
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve-prefill", description="pdserve prefill worker")
     add_worker_args(p, default_kv_gib=1.0)
+    p.add_argument("--kv-chunk-bytes", type=int, default=MAX_CHUNK_BYTES,
+                   help="most K plus V bytes per KV chunk message (a decode worker may ask for fewer)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, SERVICE_NAME,
-               lambda worker, server: add_prefill_service(PrefillServicer(worker), server))
+    if args.kv_chunk_bytes < 1:
+        raise SystemExit("pdserve-prefill: error: --kv-chunk-bytes: must be >= 1")
+    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, SERVICE_NAME, lambda worker, server: add_prefill_service(
+        PrefillServicer(worker, max_chunk_bytes=args.kv_chunk_bytes), server))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def _key(name: str, wire_type: int, number: int | None = None) -> bytes:
 _CHUNK_KEY = _key("chunk", _LEN, _RESPONSE_CHUNK)
 _RID_KEY, _K_KEY, _V_KEY = _key("request_id", _LEN), _key("k_bytes", _LEN), _key("v_bytes", _LEN)
 _INT_KEYS = [_key(name, _VARINT) for name in ("sequence_number", "layer_index", "token_start", "token_end")]
+_NUM_LAYERS_KEY = _key("num_layers", _VARINT)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -130,17 +131,22 @@ def _buffers(t: torch.Tensor) -> list:
 
 
 def kv_chunk_response(c: KVChunkData) -> bytes:
-    """The serialized PrefillResponse{chunk}: byte for byte what protobuf would make, K and V copied once."""
+    """The serialized PrefillResponse{chunk}: byte for byte what protobuf would make (num_layers set
+    when above 1), K and V copied once."""
     rid = c.request_id.encode()
     fields = [_RID_KEY + _varint(len(rid)) + rid] if rid else []
     for key, value in zip(_INT_KEYS, (c.sequence_number, c.layer, c.token_start, c.token_end)):
         if value:  # proto3 leaves zeros out
             fields.append(key + _varint(value))
-    num_k, num_v = c.k.numel() * c.k.element_size(), c.v.numel() * c.v.element_size()
+    layers = c.layers()
+    num_k = sum(k.numel() * k.element_size() for k, _ in layers)
+    num_v = sum(v.numel() * v.element_size() for _, v in layers)
     k_key = _K_KEY + _varint(num_k)
     v_key = _V_KEY + _varint(num_v)
-    body = sum(map(len, fields)) + len(k_key) + num_k + len(v_key) + num_v
-    return b"".join([_CHUNK_KEY, _varint(body), *fields, k_key, *_buffers(c.k), v_key, *_buffers(c.v)])
+    tail = _NUM_LAYERS_KEY + _varint(c.num_layers) if c.num_layers > 1 else b""
+    body = sum(map(len, fields)) + len(k_key) + num_k + len(v_key) + num_v + len(tail)
+    return b"".join([_CHUNK_KEY, _varint(body), *fields, k_key, *(b for k, _ in layers for b in _buffers(k)),
+                     v_key, *(b for _, v in layers for b in _buffers(v)), tail])
 
 
 @dataclass(slots=True)
@@ -154,6 +160,7 @@ class KVChunkView:
     token_end: int
     k_bytes: memoryview
     v_bytes: memoryview
+    num_layers: int = 0  # 0 (absent): 1
 
 
 _VIEW_FIELDS = {f.number: (f.name, _LEN if f.type in (f.TYPE_STRING, f.TYPE_BYTES) else _VARINT)

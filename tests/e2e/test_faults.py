@@ -23,6 +23,9 @@ from tests.engine_helpers import hf_greedy, random_prompts
 
 PROMPT = random_prompts([40], seed=9)[0]
 MAX_TOKENS = 12
+# Small KV chunks, so that a fault can land in the middle of one request's transfer: the tiny
+# model's 40-token prompt then takes 6 chunks (3 per layer), not one chunk for both layers.
+SMALL_CHUNKS = ("--kv-chunk-bytes", "4096")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,8 @@ def test_remote_prefill_matches_oracle(decode, healthy_prefill, expected):
 
 
 def test_prefill_killed_mid_transfer_falls_over_to_next_candidate(tiny_dir, decode, healthy_prefill, expected):
-    # Layer-wise chunks: 2 layers -> dies while sending layer 1's KV.
-    doomed = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": "kill_after_chunks=2"})
+    # Dies at its 2nd chunk, while sending layer 0's KV.
+    doomed = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": "kill_after_chunks=2"})
     try:
         tokens, result = generate_via(decode.address, [doomed.address, healthy_prefill.address])
         assert doomed.process.wait(10) == -signal.SIGKILL
@@ -85,7 +88,7 @@ def test_prefill_killed_mid_transfer_falls_over_to_next_candidate(tiny_dir, deco
 
 
 def test_stalled_prefill_times_out_and_falls_back_to_local(tiny_dir, decode, expected):
-    stalled = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": "pause_after_chunks=1"})
+    stalled = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": "pause_after_chunks=1"})
     try:
         started = time.monotonic()
         tokens, result = generate_via(decode.address, [stalled.address])
@@ -100,7 +103,7 @@ def test_stalled_prefill_times_out_and_falls_back_to_local(tiny_dir, decode, exp
 
 def test_sigstopped_prefill_is_passed_over_and_serves_again_after_sigcont(tiny_dir, decode, healthy_prefill,
                                                                           expected):
-    frozen = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": "stop_after_chunks=1"})
+    frozen = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": "stop_after_chunks=1"})
     try:
         started = time.monotonic()
         tokens, result = generate_via(decode.address, [frozen.address, healthy_prefill.address])
@@ -196,7 +199,7 @@ def counted_decode(tiny_dir):
 
 @pytest.mark.parametrize("fault", ["truncate_chunk=2", "reorder_chunk=2", "foreign_chunk=1", "misplace_chunk=2"])
 def test_damaged_chunks_are_detected_retried_and_counted(tiny_dir, counted_decode, healthy_prefill, expected, fault):
-    damaged = start_worker("prefill", tiny_dir, env={"PDSERVE_FAULT": fault})
+    damaged = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": fault})
     try:
         before = _retries(counted_decode.metrics_port)
         tokens, result = generate_via(counted_decode.address, [damaged.address, healthy_prefill.address])

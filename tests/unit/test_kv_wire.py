@@ -21,23 +21,27 @@ def protobuf_encoding(c: KVChunkData) -> bytes:
     as_bytes = lambda t: t.contiguous().view(torch.int16).numpy().tobytes()  # noqa: E731
     return prefill_pb2.PrefillResponse(chunk=prefill_pb2.KVChunk(
         request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
-        token_start=c.token_start, token_end=c.token_end, k_bytes=as_bytes(c.k), v_bytes=as_bytes(c.v),
+        token_start=c.token_start, token_end=c.token_end, k_bytes=b"".join(as_bytes(k) for k, _ in c.layers()),
+        v_bytes=b"".join(as_bytes(v) for _, v in c.layers()), num_layers=c.num_layers if c.num_layers > 1 else 0,
     )).SerializeToString()
 
 
 @pytest.mark.parametrize("rid", ["", "r", "x" * 300])
 @pytest.mark.parametrize(("seq", "layer", "start", "num_tokens"), [(0, 0, 0, 1), (1, 1, 5, 7), (300, 129, 70000, 200)])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_hand_encoding_is_byte_identical_to_protobufs(rid, seq, layer, start, num_tokens, contiguous):
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_hand_encoding_is_byte_identical_to_protobufs(rid, seq, layer, start, num_tokens, contiguous, num_layers):
     full = torch.randn(3, num_tokens + 5, 4).to(torch.bfloat16)
     k = full[:, :num_tokens].contiguous() if contiguous else full[:, 2 : 2 + num_tokens]
     v = (full * 2)[:, 1 : 1 + num_tokens]
     assert k.is_contiguous() == contiguous and not v.is_contiguous()
-    c = KVChunkData(rid, seq, layer, start, start + num_tokens, k, v)
+    more = tuple((k + i, v - i) for i in range(1, num_layers))
+    c = KVChunkData(rid, seq, layer, start, start + num_tokens, k, v, more)
     encoded = wire.kv_chunk_response(c)
     assert encoded == protobuf_encoding(c)
     parsed = prefill_pb2.PrefillResponse.FromString(encoded).chunk
-    assert parsed.k_bytes == k.contiguous().view(torch.int16).numpy().tobytes()
+    assert parsed.k_bytes[: len(parsed.k_bytes) // num_layers] == k.contiguous().view(torch.int16).numpy().tobytes()
+    assert parsed.num_layers == (num_layers if num_layers > 1 else 0)
 
 
 def run_sender(max_chunk_bytes: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[KVChunkData]:
@@ -62,22 +66,27 @@ def receiver(prompt: list[int]) -> KVReceiver:
     return r
 
 
-@pytest.mark.parametrize("max_chunk_bytes", [1, 100, 2**20])
-def test_chunks_cut_encoded_and_parsed_rebuild_each_layer(max_chunk_bytes):
+# 10 tokens x 2 layers x 24 bytes each of K and V: 1 byte cuts a layer into 1-token chunks, 240 bytes
+# into 5-token ones, 480 bytes hold one layer, 960 or more both (one chunk for the two layers).
+@pytest.mark.parametrize(("max_chunk_bytes", "num_chunks"), [(1, 20), (240, 4), (480, 2), (960, 1), (2**20, 1)])
+def test_chunks_cut_grouped_encoded_and_parsed_rebuild_each_layer(max_chunk_bytes, num_chunks):
     prompt = list(range(10))
     # Non-contiguous heads, as KVCache.read hands them out.
     kv = [(torch.randn(3, 12, 4).to(torch.bfloat16)[:, 1:11], torch.randn(3, 10, 4).to(torch.bfloat16))
           for _ in range(GEOMETRY.num_layers)]
     chunks = run_sender(max_chunk_bytes, kv)
     assert [c.sequence_number for c in chunks] == list(range(len(chunks)))
+    assert len(chunks) == num_chunks and all(c.num_bytes <= max(max_chunk_bytes, 48) for c in chunks)
     r = receiver(prompt)
     got: dict[int, list] = {}
     for c in chunks:
-        msg = prefill_pb2.PrefillResponse.FromString(wire.kv_chunk_response(c)).chunk
-        layer, start, k, v = r.on_chunk(msg.request_id, msg.sequence_number, msg.layer_index, msg.token_start,
-                                        msg.token_end, msg.k_bytes, msg.v_bytes)
-        assert k.shape == (3, msg.token_end - msg.token_start, 4)
-        got.setdefault(layer, []).append((start, k, v))
+        msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(c))
+        assert isinstance(msg, wire.KVChunkView)
+        for layer, start, k, v in r.on_chunk(msg.request_id, msg.sequence_number, msg.layer_index,
+                                             msg.token_start, msg.token_end, msg.k_bytes, msg.v_bytes,
+                                             msg.num_layers):
+            assert k.shape == (3, msg.token_end - msg.token_start, 4)
+            got.setdefault(layer, []).append((start, k, v))
     r.check_complete()
     for layer, (k, v) in enumerate(kv):
         assert [s for s, _, _ in got[layer]] == sorted(s for s, _, _ in got[layer])
@@ -85,12 +94,16 @@ def test_chunks_cut_encoded_and_parsed_rebuild_each_layer(max_chunk_bytes):
         assert torch.equal(torch.cat([x for _, _, x in got[layer]], dim=1), v)
 
 
-def test_receiver_refuses_a_chunk_with_the_wrong_byte_count():
+def test_receiver_refuses_a_chunk_with_the_wrong_byte_count_or_layers():
     r = receiver(list(range(4)))
     k = torch.zeros(3, 4, 4, dtype=torch.bfloat16)
     msg = prefill_pb2.PrefillResponse.FromString(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 3, k, k))).chunk
     with pytest.raises(KVTransferError, match="bytes"):
         r.on_chunk("r", 0, 0, 0, 3, msg.k_bytes, msg.v_bytes)  # 4 tokens of bytes for a 3-token range
+    with pytest.raises(KVTransferError, match="bytes"):
+        r.on_chunk("r", 0, 0, 0, 4, msg.k_bytes, msg.v_bytes, num_layers=2)  # one layer's bytes for two
+    with pytest.raises(KVTransferError, match="layers"):
+        r.on_chunk("r", 0, 1, 0, 4, msg.k_bytes * 2, msg.v_bytes * 2, num_layers=2)  # past the last layer
 
 
 def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
