@@ -35,7 +35,7 @@ Figures
   header's num_kv_bytes) has been parsed and checked the way `DecodeServicer._pull`
   does it: through the decode daemon's `PrefillStub` (chunks decoded as views of the
   message), the header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk` (sequence number, ranges,
-  byte counts, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
+  byte counts, payload checksum, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
   own blocks, and the FirstToken message that follows the KV.
 - bytes_per_s = bytes / transfer_s.
 - ratio_grpc_raw = raw_s / transfer_s, where raw_s is a bare grpc.aio server-streaming
@@ -190,8 +190,7 @@ async def pull_kv(stub, prompt: list[int]) -> Pull:
             if receiver is None:
                 raise RuntimeError("a KV chunk before the header")
             c = msg if isinstance(msg, KVChunkView) else msg.chunk
-            parts = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index, c.token_start,
-                                      c.token_end, c.k_bytes, c.v_bytes, c.num_layers)
+            parts = receiver.on_chunk(c)
             if not pull.chunk_sizes:
                 pull.first_chunk_s = time.perf_counter() - t0
             pull.chunk_sizes.append(sum(2 * k.numel() * k.element_size() for _, _, k, _ in parts))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
-# 3: chunks head-major, [num_kv_heads, num_tokens, head_dim] per layer, one or more consecutive
-# layers per chunk (2: one layer per chunk; 1 was token-major).
-WIRE_VERSION = 3
+# 4: chunks head-major, [num_kv_heads, num_tokens, head_dim] per layer, one or more consecutive
+# layers per chunk, each with a checksum of its payload (3: no checksum; 2: one layer per chunk;
+# 1 was token-major).
+WIRE_VERSION = 4
 # Upper bound of one chunk's K + V bytes: well under gRPC's message limit, and
 # small enough that the receiver's write of one chunk does not stall its engine step.
 MAX_CHUNK_BYTES = 4 * 2**20
@@ -51,3 +53,15 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> 
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(data, dtype=_VIEW_AS[dtype])
     return flat.view(dtype).view(*shape)
+
+
+def payload_checksum(buffers: Iterable) -> int:
+    """XXH3-64 of the buffers' bytes, one after the other: a chunk's K payload, then its V payload.
+
+    About 35 GB/s here, so it costs ~1 ms per side for the 23.6 MB of a 1024-token SmolLM2 prompt;
+    TCP's 16-bit sums are all that would catch a damaged payload otherwise.
+    """
+    h = xxhash.xxh3_64()
+    for b in buffers:
+        h.update(b)
+    return h.intdigest()

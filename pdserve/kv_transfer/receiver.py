@@ -5,7 +5,8 @@ or IncompatibleError (a model or layout mismatch: retrying the same pair is poin
 1. header: wire version, request id, prompt tokens equal to what the decode side
    expects, model fingerprint and KV geometry equal to its own, byte count consistent;
 2. every chunk: request id, sequence number exactly the next one, layer and
-   token range inside the prompt, byte lengths equal to the range's;
+   token range inside the prompt, byte lengths equal to the range's, payload
+   checksum equal to the one the sender computed;
 3. completion: every layer received every prompt token exactly once and the
    byte total equals the header's.
 """
@@ -13,11 +14,12 @@ or IncompatibleError (a model or layout mismatch: retrying the same pair is poin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from pdserve.errors import IncompatibleError, KVTransferError
-from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry, tensor_from_bytes
+from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry, payload_checksum, tensor_from_bytes
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,20 @@ class KVHeaderData:
     fingerprint: str
     geometry: KVGeometry
     num_kv_bytes: int
+
+
+class KVChunkFields(Protocol):
+    """A received KV chunk, as the transport parsed it (the wire's KVChunk fields)."""
+
+    request_id: str
+    sequence_number: int
+    layer_index: int
+    token_start: int
+    token_end: int
+    k_bytes: bytes | memoryview
+    v_bytes: bytes | memoryview
+    num_layers: int  # 0: 1
+    checksum: int
 
 
 class KVReceiver:
@@ -72,17 +88,17 @@ class KVReceiver:
         self.header = header
         return list(header.prompt_token_ids)
 
-    def on_chunk(self, request_id: str, sequence_number: int, layer: int, token_start: int, token_end: int,
-                 k: bytes, v: bytes, num_layers: int = 1) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def on_chunk(self, c: KVChunkFields) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Check a chunk; returns (layer, start, k, v) per layer it covers, k, v [Hkv, T, D] ready to write."""
         rid = self.request_id
-        num_layers = num_layers or 1
+        layer, token_start, token_end, k, v = c.layer_index, c.token_start, c.token_end, c.k_bytes, c.v_bytes
+        num_layers = c.num_layers or 1
         if self.header is None:
             raise KVTransferError("KV chunk before the header", request_id=rid)
-        if request_id != rid:
-            raise KVTransferError(f"chunk of request {request_id!r}", request_id=rid)
-        if sequence_number != self._next_seq:
-            raise KVTransferError(f"chunk {sequence_number} where {self._next_seq} was due", request_id=rid)
+        if c.request_id != rid:
+            raise KVTransferError(f"chunk of request {c.request_id!r}", request_id=rid)
+        if c.sequence_number != self._next_seq:
+            raise KVTransferError(f"chunk {c.sequence_number} where {self._next_seq} was due", request_id=rid)
         layers = range(layer, layer + num_layers)
         if not 0 <= layer < layer + num_layers <= self.geometry.num_layers:
             raise KVTransferError(f"chunk for layers [{layer}, {layer + num_layers})", request_id=rid)
@@ -92,8 +108,11 @@ class KVReceiver:
                                       f"{self._layer_tokens[i]}", request_id=rid)
         per_layer = (token_end - token_start) * self.geometry.bytes_per_token
         if len(k) != num_layers * per_layer or len(v) != num_layers * per_layer:
-            raise KVTransferError(f"chunk {sequence_number} has {len(k)}/{len(v)} bytes, expected "
+            raise KVTransferError(f"chunk {c.sequence_number} has {len(k)}/{len(v)} bytes, expected "
                                   f"{num_layers * per_layer}", request_id=rid)
+        if payload_checksum((k, v)) != c.checksum:
+            raise KVTransferError(f"chunk {c.sequence_number}'s payload does not match its checksum",
+                                  request_id=rid)
         self._next_seq += 1
         self._received_bytes += len(k) + len(v)
         shape = (self.geometry.num_kv_heads, token_end - token_start, self.geometry.head_dim)

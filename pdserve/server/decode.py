@@ -261,8 +261,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 kind = "chunk" if isinstance(msg, wire.KVChunkView) else msg.WhichOneof("kind")
                 if kind == "chunk":
                     c = msg if isinstance(msg, wire.KVChunkView) else msg.chunk
-                    parts = receiver.on_chunk(c.request_id, c.sequence_number, c.layer_index, c.token_start,
-                                              c.token_end, c.k_bytes, c.v_bytes, c.num_layers)
+                    parts = receiver.on_chunk(c)
                     writes.append(w.loop.call(lambda e, parts=parts: [e.write_kv(rid, *p) for p in parts]))
                 elif kind == "first_token":
                     receiver.check_complete()

@@ -109,7 +109,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             while True:
                 item = await queue.get()
                 if isinstance(item, (bytes, KVChunkData)):
-                    yield item if isinstance(item, bytes) else wire.kv_chunk_response(await self.faults.on_chunk(item))
+                    yield item if isinstance(item, bytes) else await self.faults.encode(item, wire.kv_chunk_response)
                     last_sent = time.monotonic()
                     first_sent = first_sent or last_sent
                     continue

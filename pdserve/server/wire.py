@@ -11,6 +11,7 @@ from pdserve.engine.model_loader import Fingerprint, ModelSpec
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.errors import InvalidRequestError
+from pdserve.kv_transfer.protocol import payload_checksum
 from pdserve.kv_transfer.sender import KVChunkData
 from pdserve.preprocess import ChatMessage, Preprocessor
 from pdserve.server.malformed import read_varint
@@ -97,7 +98,7 @@ def result_to_pb(out: RequestOutput, timings: common_pb2.Timings, **fields) -> c
 # which measured 2-5x the cost of the bare gRPC stream of the same bytes.
 _CHUNK_FIELDS = prefill_pb2.KVChunk.DESCRIPTOR.fields_by_name
 _RESPONSE_CHUNK = prefill_pb2.PrefillResponse.DESCRIPTOR.fields_by_name["chunk"].number
-_VARINT, _LEN = 0, 2  # protobuf wire types
+_VARINT, _I64, _LEN = 0, 1, 2  # protobuf wire types
 
 
 def _varint(n: int) -> bytes:
@@ -118,6 +119,7 @@ _CHUNK_KEY = _key("chunk", _LEN, _RESPONSE_CHUNK)
 _RID_KEY, _K_KEY, _V_KEY = _key("request_id", _LEN), _key("k_bytes", _LEN), _key("v_bytes", _LEN)
 _INT_KEYS = [_key(name, _VARINT) for name in ("sequence_number", "layer_index", "token_start", "token_end")]
 _NUM_LAYERS_KEY = _key("num_layers", _VARINT)
+_CHECKSUM_KEY = _key("checksum", _I64)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -132,7 +134,7 @@ def _buffers(t: torch.Tensor) -> list:
 
 def kv_chunk_response(c: KVChunkData) -> bytes:
     """The serialized PrefillResponse{chunk}: byte for byte what protobuf would make (num_layers set
-    when above 1), K and V copied once."""
+    when above 1, the payload's checksum), K and V copied once."""
     rid = c.request_id.encode()
     fields = [_RID_KEY + _varint(len(rid)) + rid] if rid else []
     for key, value in zip(_INT_KEYS, (c.sequence_number, c.layer, c.token_start, c.token_end)):
@@ -143,10 +145,14 @@ def kv_chunk_response(c: KVChunkData) -> bytes:
     num_v = sum(v.numel() * v.element_size() for _, v in layers)
     k_key = _K_KEY + _varint(num_k)
     v_key = _V_KEY + _varint(num_v)
+    k_parts = [b for k, _ in layers for b in _buffers(k)]
+    v_parts = [b for _, v in layers for b in _buffers(v)]
+    checksum = payload_checksum(k_parts + v_parts)
     tail = _NUM_LAYERS_KEY + _varint(c.num_layers) if c.num_layers > 1 else b""
+    if checksum:
+        tail += _CHECKSUM_KEY + checksum.to_bytes(8, "little")
     body = sum(map(len, fields)) + len(k_key) + num_k + len(v_key) + num_v + len(tail)
-    return b"".join([_CHUNK_KEY, _varint(body), *fields, k_key, *(b for k, _ in layers for b in _buffers(k)),
-                     v_key, *(b for _, v in layers for b in _buffers(v)), tail])
+    return b"".join([_CHUNK_KEY, _varint(body), *fields, k_key, *k_parts, v_key, *v_parts, tail])
 
 
 @dataclass(slots=True)
@@ -161,9 +167,11 @@ class KVChunkView:
     k_bytes: memoryview
     v_bytes: memoryview
     num_layers: int = 0  # 0 (absent): 1
+    checksum: int = 0
 
 
-_VIEW_FIELDS = {f.number: (f.name, _LEN if f.type in (f.TYPE_STRING, f.TYPE_BYTES) else _VARINT)
+_VIEW_FIELDS = {f.number: (f.name, _LEN if f.type in (f.TYPE_STRING, f.TYPE_BYTES)
+                             else _I64 if f.type == f.TYPE_FIXED64 else _VARINT)
                 for f in _CHUNK_FIELDS.values()}
 
 
@@ -182,6 +190,11 @@ def _chunk_view(data: bytes) -> KVChunkView | None:
         if field is None or field[1] != key & 7:
             return None  # unknown field or wire type: protobuf's parser decides
         name, wire_type = field
+        if wire_type == _I64:
+            if pos + 8 > len(buf):
+                return None
+            values[name], pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
+            continue
         value, pos = read_varint(buf, pos)
         if wire_type == _LEN:
             if pos + value > len(buf):

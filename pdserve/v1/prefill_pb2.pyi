@@ -14,10 +14,12 @@ class KVWireVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_WIRE_VERSION_1: _ClassVar[KVWireVersion]
     KV_WIRE_VERSION_2: _ClassVar[KVWireVersion]
     KV_WIRE_VERSION_3: _ClassVar[KVWireVersion]
+    KV_WIRE_VERSION_4: _ClassVar[KVWireVersion]
 KV_WIRE_VERSION_UNSPECIFIED: KVWireVersion
 KV_WIRE_VERSION_1: KVWireVersion
 KV_WIRE_VERSION_2: KVWireVersion
 KV_WIRE_VERSION_3: KVWireVersion
+KV_WIRE_VERSION_4: KVWireVersion
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request", "block_size", "max_chunk_bytes", "num_cached_tokens", "decode_worker_id")
@@ -70,7 +72,7 @@ class KVHeader(_message.Message):
     def __init__(self, wire_version: _Optional[_Union[KVWireVersion, str]] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_kv_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_skipped_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes", "num_layers")
+    __slots__ = ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes", "num_layers", "checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class KVChunk(_message.Message):
     K_BYTES_FIELD_NUMBER: _ClassVar[int]
     V_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sequence_number: int
     layer_index: int
@@ -87,7 +90,8 @@ class KVChunk(_message.Message):
     k_bytes: bytes
     v_bytes: bytes
     num_layers: int
-    def __init__(self, request_id: _Optional[str] = ..., sequence_number: _Optional[int] = ..., layer_index: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., k_bytes: _Optional[bytes] = ..., v_bytes: _Optional[bytes] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    checksum: int
+    def __init__(self, request_id: _Optional[str] = ..., sequence_number: _Optional[int] = ..., layer_index: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., k_bytes: _Optional[bytes] = ..., v_bytes: _Optional[bytes] = ..., num_layers: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PrefillTimings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "kv_send_ms", "total_ms")

@@ -197,7 +197,8 @@ def counted_decode(tiny_dir):
     child.stop(5)
 
 
-@pytest.mark.parametrize("fault", ["truncate_chunk=2", "reorder_chunk=2", "foreign_chunk=1", "misplace_chunk=2"])
+@pytest.mark.parametrize("fault", ["truncate_chunk=2", "reorder_chunk=2", "foreign_chunk=1", "misplace_chunk=2",
+                                   "corrupt_chunk=2"])
 def test_damaged_chunks_are_detected_retried_and_counted(tiny_dir, counted_decode, healthy_prefill, expected, fault):
     damaged = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": fault})
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
+import xxhash
 
-from pdserve.errors import KVTransferError
+from pdserve.errors import IncompatibleError, KVTransferError
 from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
@@ -19,10 +21,12 @@ GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=3, head_dim=4, dtype="bfloat16"
 
 def protobuf_encoding(c: KVChunkData) -> bytes:
     as_bytes = lambda t: t.contiguous().view(torch.int16).numpy().tobytes()  # noqa: E731
+    k_bytes = b"".join(as_bytes(k) for k, _ in c.layers())
+    v_bytes = b"".join(as_bytes(v) for _, v in c.layers())
     return prefill_pb2.PrefillResponse(chunk=prefill_pb2.KVChunk(
         request_id=c.request_id, sequence_number=c.sequence_number, layer_index=c.layer,
-        token_start=c.token_start, token_end=c.token_end, k_bytes=b"".join(as_bytes(k) for k, _ in c.layers()),
-        v_bytes=b"".join(as_bytes(v) for _, v in c.layers()), num_layers=c.num_layers if c.num_layers > 1 else 0,
+        token_start=c.token_start, token_end=c.token_end, k_bytes=k_bytes, v_bytes=v_bytes,
+        num_layers=c.num_layers if c.num_layers > 1 else 0, checksum=xxhash.xxh3_64_intdigest(k_bytes + v_bytes),
     )).SerializeToString()
 
 
@@ -82,9 +86,7 @@ def test_chunks_cut_grouped_encoded_and_parsed_rebuild_each_layer(max_chunk_byte
     for c in chunks:
         msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(c))
         assert isinstance(msg, wire.KVChunkView)
-        for layer, start, k, v in r.on_chunk(msg.request_id, msg.sequence_number, msg.layer_index,
-                                             msg.token_start, msg.token_end, msg.k_bytes, msg.v_bytes,
-                                             msg.num_layers):
+        for layer, start, k, v in r.on_chunk(msg):
             assert k.shape == (3, msg.token_end - msg.token_start, 4)
             got.setdefault(layer, []).append((start, k, v))
     r.check_complete()
@@ -97,13 +99,33 @@ def test_chunks_cut_grouped_encoded_and_parsed_rebuild_each_layer(max_chunk_byte
 def test_receiver_refuses_a_chunk_with_the_wrong_byte_count_or_layers():
     r = receiver(list(range(4)))
     k = torch.zeros(3, 4, 4, dtype=torch.bfloat16)
-    msg = prefill_pb2.PrefillResponse.FromString(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 3, k, k))).chunk
+    msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k)))
     with pytest.raises(KVTransferError, match="bytes"):
-        r.on_chunk("r", 0, 0, 0, 3, msg.k_bytes, msg.v_bytes)  # 4 tokens of bytes for a 3-token range
+        r.on_chunk(dataclasses.replace(msg, token_end=3))  # 4 tokens of bytes for a 3-token range
     with pytest.raises(KVTransferError, match="bytes"):
-        r.on_chunk("r", 0, 0, 0, 4, msg.k_bytes, msg.v_bytes, num_layers=2)  # one layer's bytes for two
-    with pytest.raises(KVTransferError, match="layers"):
-        r.on_chunk("r", 0, 1, 0, 4, msg.k_bytes * 2, msg.v_bytes * 2, num_layers=2)  # past the last layer
+        r.on_chunk(dataclasses.replace(msg, num_layers=2))  # one layer's bytes for two
+    with pytest.raises(KVTransferError, match="layers"):  # past the last layer
+        r.on_chunk(dataclasses.replace(msg, layer_index=1, num_layers=2, k_bytes=bytes(msg.k_bytes) * 2,
+                                       v_bytes=bytes(msg.v_bytes) * 2))
+    assert r.on_chunk(msg)  # the refusals left the receiver where it was
+
+
+@pytest.mark.parametrize("field", ["k_bytes", "v_bytes"])
+@pytest.mark.parametrize("position", [0, 47, 95])
+def test_receiver_refuses_a_payload_that_does_not_match_its_checksum(field, position):
+    r = receiver(list(range(4)))
+    k = torch.randn(3, 4, 4).to(torch.bfloat16)
+    msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k * 2)))
+    damaged = bytearray(getattr(msg, field))
+    damaged[position] ^= 0x10
+    with pytest.raises(KVTransferError, match="checksum"):
+        r.on_chunk(dataclasses.replace(msg, **{field: memoryview(damaged)}))
+    with pytest.raises(KVTransferError, match="checksum"):  # a sender that sent none
+        r.on_chunk(dataclasses.replace(msg, checksum=0))
+    # K and V swapped: each intact, the pair not what was sent.
+    with pytest.raises(KVTransferError, match="checksum"):
+        r.on_chunk(dataclasses.replace(msg, k_bytes=msg.v_bytes, v_bytes=msg.k_bytes))
+    assert r.on_chunk(msg)
 
 
 def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
@@ -113,7 +135,9 @@ def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
     view = wire.prefill_response_from_bytes(encoded)
     assert isinstance(view, wire.KVChunkView)
     expected = prefill_pb2.PrefillResponse.FromString(encoded).chunk
-    for name in ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes"):
+    assert expected.checksum != 0
+    for name in ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes",
+                 "checksum"):
         assert bytes(getattr(view, name)) == bytes(getattr(expected, name)) if name.endswith("bytes") \
             else getattr(view, name) == getattr(expected, name)
     first = prefill_pb2.PrefillResponse(first_token=prefill_pb2.FirstToken(request_id="req", token_id=3))
@@ -133,3 +157,9 @@ def test_decoder_leaves_unusual_chunks_to_protobuf():
     assert isinstance(parsed, prefill_pb2.PrefillResponse) and parsed.chunk.sequence_number == 1
     with pytest.raises(Exception, match="(?i)pars|decod|truncat"):
         wire.prefill_response_from_bytes(encoded[:-5])  # truncated: protobuf's error, not a silent short chunk
+
+
+def test_receiver_refuses_another_wire_version():
+    r = KVReceiver("r", None, "fp", GEOMETRY, torch.bfloat16)
+    with pytest.raises(IncompatibleError, match="wire version 3"):  # v3 sent no checksums
+        r.on_header(KVHeaderData(3, "r", (1, 2), "fp", GEOMETRY, GEOMETRY.total_bytes(2)))
