@@ -275,6 +275,11 @@ class Registry:
             if w.role is role and w.health is Health.HEALTHY and self._fresh(w, now)
         ]
 
+    def unresponsive(self, worker_id: str) -> bool:
+        """The worker missed its heartbeats, could not be reached, or is gone."""
+        worker = self._workers.get(worker_id)
+        return worker is None or worker.health is Health.UNHEALTHY or not self._fresh(worker, self._now())
+
     def all(self) -> list[Worker]:
         return [self._workers[wid] for wid in sorted(self._workers)]
 

@@ -18,7 +18,9 @@ Request lifecycle (one RouterService.Generate stream):
    (`generated_token_ids`), which prefills prompt + those tokens and continues from the
    next one; the client sees one stream. At most --migration-limit moves per request.
    Any other error after the first token ends the stream with its status. A decode
-   worker that drains (SIGTERM) ends what it cannot finish in its grace period the same way.
+   worker that drains (SIGTERM) ends what it cannot finish in its grace period the same way,
+   and one that freezes (missed heartbeats and a silent stream, `pdserve.router.relays`)
+   is treated as dead.
 7. a client that stops reading (`pdserve.server.streams`): past --slow-reader-timeout-s
    the decode call is cancelled, freeing its blocks, and the stream ends RESOURCE_EXHAUSTED.
 Workers register and heartbeat here (`pdserve.server.membership`); a worker that misses
@@ -42,6 +44,7 @@ from pdserve.router.admission import Admission
 from pdserve.router.placement import Placement, Placer
 from pdserve.router.rollout import Rollout
 from pdserve.router.registry import Registry, Role
+from pdserve.router.relays import Relays
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
@@ -75,6 +78,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._running: set[str] = set()  # ids of the requests in flight: a duplicate id is refused
         self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
         self.membership = Membership(registry)
+        self.relays = Relays(registry)
 
     # -- worker membership (pdserve.server.membership) ------------------------------------
 
@@ -204,7 +208,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             log.debug("request %s: %s", rid, placement.reason)
             sent_here = False
             self._begin(placement)
-            call = None
+            call = relay = None
             try:
                 remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
                 call = self._decode_stub(placement.decode.address).Generate(
@@ -212,51 +216,57 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     metadata=tracing.inject_metadata())
                 if watch is not None:
                     watch.on_stall = call.cancel  # the decode worker aborts the request and frees its blocks
-                async for response in call:
-                    if response.WhichOneof("kind") == "result":
-                        _stamp(response.result, started, queue_ms, first_ms)
-                        self._observe_finished(response.result, started, first_ms)
-                    else:
-                        first_ms = first_ms or (time.monotonic() - started) * 1e3
-                        generated.extend(response.delta.token_ids)
-                    sent_here = True
-                    yield response
+                with self.relays.track(placement.decode.worker_id, call.cancel) as relay:
+                    async for response in call:
+                        relay.received()
+                        if response.WhichOneof("kind") == "result":
+                            _stamp(response.result, started, queue_ms, first_ms)
+                            self._observe_finished(response.result, started, first_ms)
+                        else:
+                            first_ms = first_ms or (time.monotonic() - started) * 1e3
+                            generated.extend(response.delta.token_ids)
+                        sent_here = True
+                        yield response
                 return
             except asyncio.CancelledError:
                 if watch is not None and watch.stalled:  # we cancelled the decode call: the reader is gone
                     raise watch.error(rid) from None
-                raise
+                if relay is None or not relay.lost or _task_cancelled():
+                    raise
+                # Relays.sweep cancelled the call: the worker stopped answering. As if it had died.
+                code, details = grpc.StatusCode.UNAVAILABLE, "stopped answering (missed heartbeats, stream silent)"
             except grpc.aio.AioRpcError as exc:
                 if watch is not None and watch.stalled:
                     raise watch.error(rid) from None
-                last_error = error_from_status(exc.code(), exc.details() or "")
-                if generated and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    # The decode worker died or drained mid-generation: resume on another, from the next token.
-                    if migrations >= self.migration_limit:
-                        raise UnavailableError(f"decode worker {placement.decode.worker_id} failed mid-generation "
-                                               f"and the request already moved {migrations} times "
-                                               f"(--migration-limit {self.migration_limit})", request_id=rid) from None
-                    migrations += 1
-                    self.metrics.inc_migration()
-                    self.registry.mark_failed(placement.decode.worker_id)
-                    excluded.add(placement.decode.worker_id)
-                    tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
-                                                         "pdserve.tokens_sent": len(generated)})
-                    log.warning("request %s: decode %s stopped mid-generation after %d tokens (%s); resuming "
-                                "elsewhere (move %d)", rid, placement.decode.worker_id, len(generated),
-                                exc.details(), migrations)
-                    continue
-                if sent_here or generated or exc.code() not in _RETRYABLE:
-                    raise last_error from None
-                self._on_decode_failure(placement, exc)
-                excluded.add(placement.decode.worker_id)
-                attempt += 1
+                code, details = exc.code(), exc.details() or ""
             finally:
                 if call is not None:
                     call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
                     if watch is not None:
                         watch.on_stall = None
                 self._finish(placement)
+            last_error = error_from_status(code, details)
+            if generated and code == grpc.StatusCode.UNAVAILABLE:
+                # The decode worker died, drained or froze mid-generation: resume on another, from the next token.
+                if migrations >= self.migration_limit:
+                    raise UnavailableError(f"decode worker {placement.decode.worker_id} failed mid-generation "
+                                           f"and the request already moved {migrations} times "
+                                           f"(--migration-limit {self.migration_limit})", request_id=rid) from None
+                migrations += 1
+                self.metrics.inc_migration()
+                self.registry.mark_failed(placement.decode.worker_id)
+                excluded.add(placement.decode.worker_id)
+                tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
+                                                     "pdserve.tokens_sent": len(generated)})
+                log.warning("request %s: decode %s stopped mid-generation after %d tokens (%s); resuming "
+                            "elsewhere (move %d)", rid, placement.decode.worker_id, len(generated), details,
+                            migrations)
+                continue
+            if sent_here or generated or code not in _RETRYABLE:
+                raise last_error from None
+            self._on_decode_failure(placement, code, details)
+            excluded.add(placement.decode.worker_id)
+            attempt += 1
         raise last_error
 
     async def _place_when_possible(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
@@ -296,15 +306,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                 Attr.USAGE_OUTPUT_TOKENS: result.usage.completion_tokens,
                                 Attr.RESPONSE_FINISH_REASONS: [finish]})
 
-    def _on_decode_failure(self, placement: Placement, exc: grpc.aio.AioRpcError) -> None:
+    def _on_decode_failure(self, placement: Placement, code: grpc.StatusCode, details: str) -> None:
         decode = placement.decode
         tracing.add_event("placement.retry", {Attr.PLACEMENT_DECODE_WORKER: decode.worker_id,
-                                              "pdserve.status_code": exc.code().name})
+                                              "pdserve.status_code": code.name})
         log.warning("decode %s failed before the first token (%s: %s); placing elsewhere",
-                    decode.worker_id, exc.code().name, exc.details())
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    decode.worker_id, code.name, details)
+        if code == grpc.StatusCode.UNAVAILABLE:
             self.registry.mark_failed(decode.worker_id)
-        elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION and placement.prefills:
+        elif code == grpc.StatusCode.FAILED_PRECONDITION and placement.prefills:
             self.registry.incompatible(placement.prefills[0].worker_id, decode.worker_id)
 
     def _begin(self, placement: Placement) -> None:
@@ -322,6 +332,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if stub is None:
             stub = self._decode_stubs[address] = decode_pb2_grpc.DecodeServiceStub(daemon.channel(address))
         return stub
+
+def _task_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (Python 3.11+ can tell; 3.10 cannot)."""
+    task = asyncio.current_task()
+    return task is not None and getattr(task, "cancelling", lambda: 0)() > 0
+
 
 def _validate(request: common_pb2.GenerateRequest) -> None:
     """The checks the router can make without the tokenizer (the workers make the rest)."""
@@ -414,11 +430,12 @@ async def serve(args: argparse.Namespace) -> None:
         await http.start()
     await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
                   ready={"http_port": http.port} if http else None)
-    task = asyncio.create_task(servicer.membership.maintain())
+    tasks = [asyncio.create_task(servicer.membership.maintain()), asyncio.create_task(servicer.relays.watch())]
     try:
         await d.run_until_signal()
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         if http is not None:
             await http.stop()
 
