@@ -160,15 +160,11 @@ def receiver_for(header_msg, rid: str, prompt: list[int]):
     """A KVReceiver checked against the header, as the decode daemon builds one (its identity taken from it)."""
     import torch
 
-    from pdserve.kv_transfer.protocol import KVGeometry
-    from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
+    from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.server import wire
 
-    h, lay = header_msg, header_msg.kv_layout
-    geometry = KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
-    header = KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), wire.fingerprint_str(h.model),
-                          geometry, h.num_kv_bytes)
-    receiver = KVReceiver(rid, prompt, header.fingerprint, geometry, torch.bfloat16)
+    header = wire.kv_header_from_pb(header_msg)
+    receiver = KVReceiver(rid, prompt, header.fingerprint, header.geometry, torch.bfloat16)
     receiver.on_header(header)
     return receiver
 

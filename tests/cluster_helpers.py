@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import time
+import urllib.request
+
+import grpc
 
 from pdserve.client import AsyncClient, Client
 from pdserve.cluster import Child
+from pdserve.status import error_from_status
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 E2E_LOG = os.environ.get("PDSERVE_TEST_LOG")  # set to a path to keep the daemons' logs
 
@@ -59,3 +65,31 @@ async def stream_all(address: str, prompts: list[list[int]], max_tokens: int, on
             return ids, "".join(text), stream.result
 
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def generate_via(decode_address: str, candidates: list[str], prompt: list[int], max_tokens: int):
+    """Greedy DecodeService.Generate straight to a decode worker, with an explicit prefill candidate
+    list (the test, not placement, decides); (token ids, result)."""
+    request = decode_pb2.DecodeGenerateRequest(
+        request=common_pb2.GenerateRequest(
+            prompt_token_ids=common_pb2.TokenIds(token_ids=prompt),
+            sampling_params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0)),
+        prefill_candidates=[decode_pb2.PrefillCandidate(worker_id=f"p{i}", address=a)
+                            for i, a in enumerate(candidates)])
+    tokens, result = [], None
+    with grpc.insecure_channel(decode_address) as channel:
+        try:
+            for response in decode_pb2_grpc.DecodeServiceStub(channel).Generate(request, timeout=60):
+                if response.WhichOneof("kind") == "delta":
+                    tokens.extend(response.delta.token_ids)
+                else:
+                    result = response.result
+        except grpc.RpcError as exc:
+            raise error_from_status(exc.code(), exc.details()) from None
+    return tokens, result
+
+
+def metric_sum(metrics_port: int, name: str) -> float:
+    """The sum over all label sets of one Prometheus series a worker exports."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))

@@ -107,8 +107,12 @@ class LLMEngine:
         self._track(seq)
         return seq
 
-    def add_remote_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Reserve blocks for a prompt whose KV will be written by write_kv; CapacityError if no room."""
+    def add_remote_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Reserve blocks for a prompt whose KV will be written by write_kv; CapacityError if no room.
+
+        Returns how many leading prompt tokens the prefix cache already holds (a multiple of
+        the block size, below the prompt's length): their KV must not be written.
+        """
         seq = self._new_sequence(request_id, prompt_token_ids, params, None)
         if not self.scheduler.add_remote(seq):
             raise CapacityError(
@@ -116,13 +120,18 @@ class LLMEngine:
                 request_id=request_id,
             )
         self._track(seq)
-        return seq
+        return seq.num_cached_tokens
+
+    def num_cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        """What add_remote_request would find cached of this prompt now (nothing is reserved)."""
+        return len(self.kv.remote_prefix(prompt_token_ids)) * self.kv.block_size
 
     def write_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V ([Hkv, T, D]) of positions [start, start + T) of a remote request's prompt."""
+        """Write K/V ([Hkv, T, D]) of positions [start, start + T) of a remote request's prompt, past
+        the tokens its reservation found cached."""
         seq = self._remote_seq(request_id)
         end = start + k.shape[1]
-        if not (0 <= start < end <= seq.num_prompt_tokens) or not (0 <= layer < self.spec.num_layers):
+        if not (seq.num_cached_tokens <= start < end <= seq.num_prompt_tokens) or not (0 <= layer < self.spec.num_layers):
             raise InvalidRequestError("kv_chunk", f"layer {layer} tokens [{start}, {end}) out of range",
                                       request_id=request_id)
         slots = self.kv_cache.slots(seq.block_table, start, end)

@@ -44,18 +44,27 @@ class KVCacheManager:
         They may cover every token; `allocate` then leaves the last one to recompute
         (its logits give the next token) without writing into the shared block.
         """
-        if seq.block_table or not self.enable_prefix_caching:
+        return [] if seq.block_table else self.cached_blocks(seq.token_ids)
+
+    def cached_blocks(self, token_ids: list[int]) -> list[Block]:
+        """Cached blocks holding the start of these tokens; the pool is not changed."""
+        if not self.enable_prefix_caching:
             return []
         hits: list[Block] = []
         parent: int | None = None
-        for i in range(seq.num_tokens // self.block_size):
-            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+        for i in range(len(token_ids) // self.block_size):
+            tokens = token_ids[i * self.block_size : (i + 1) * self.block_size]
             parent = chain_hash(parent, tokens)
             block = self.pool.lookup(parent, tokens)
             if block is None:
                 break
             hits.append(block)
         return hits
+
+    def remote_prefix(self, token_ids: list[int]) -> list[Block]:
+        """Cached blocks a prompt whose KV arrives from elsewhere may take: all but one holding its
+        last token, whose KV always arrives (a shared block is never written)."""
+        return self.cached_blocks(token_ids)[: (len(token_ids) - 1) // self.block_size]
 
     def start_after(self, seq: Sequence, prefix: list[Block]) -> int:
         """Where seq's computing starts once `prefix` is taken: past it, but never past its last token."""

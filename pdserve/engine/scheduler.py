@@ -53,8 +53,13 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_remote(self, seq: Sequence) -> bool:
-        """Reserve blocks for a prompt whose KV arrives from elsewhere; False if no room."""
-        if not self.kv.allocate(seq, seq.num_tokens):
+        """Reserve blocks for a prompt whose KV arrives from elsewhere; False if no room.
+
+        Blocks of its prefix found in the prefix cache are taken instead: their KV need not
+        move (seq.num_cached_tokens).
+        """
+        prefix = self.kv.remote_prefix(seq.token_ids)
+        if not self.kv.allocate(seq, seq.num_tokens - len(prefix) * self.kv.block_size, prefix):
             return False
         seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
         self.remote[seq.request_id] = seq

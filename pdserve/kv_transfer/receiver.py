@@ -3,7 +3,8 @@
 Checks, each failing with KVTransferError (the transfer is dropped and retried)
 or IncompatibleError (a model or layout mismatch: retrying the same pair is pointless):
 1. header: wire version, request id, prompt tokens equal to what the decode side
-   expects, model fingerprint and KV geometry equal to its own, byte count consistent;
+   expects, the leading tokens skipped exactly those it said it holds, model
+   fingerprint and KV geometry equal to its own, byte count consistent;
 2. every chunk: request id, sequence number exactly the next one, layer and
    token range inside the prompt, byte lengths equal to the range's, payload
    checksum equal to the one the sender computed;
@@ -30,6 +31,7 @@ class KVHeaderData:
     fingerprint: str
     geometry: KVGeometry
     num_kv_bytes: int
+    num_skipped_tokens: int = 0  # leading prompt tokens whose KV is not sent
 
 
 class KVChunkFields(Protocol):
@@ -48,17 +50,18 @@ class KVChunkFields(Protocol):
 
 class KVReceiver:
     def __init__(self, request_id: str, prompt_token_ids: list[int] | None, fingerprint: str,
-                 geometry: KVGeometry, torch_dtype: torch.dtype) -> None:
+                 geometry: KVGeometry, torch_dtype: torch.dtype, num_cached_tokens: int = 0) -> None:
         self.request_id = request_id
         # None: the prefill side tokenizes; its header's token ids are taken as the prompt.
         self.expected_prompt = tuple(prompt_token_ids) if prompt_token_ids is not None else None
         self.fingerprint = fingerprint
         self.geometry = geometry
         self.torch_dtype = torch_dtype
+        self.num_cached_tokens = num_cached_tokens  # asked of the sender: these are not to be sent
         self.header: KVHeaderData | None = None
         self._next_seq = 0
         self._received_bytes = 0
-        self._layer_tokens = [0] * geometry.num_layers  # tokens received per layer, in order
+        self._layer_tokens = [num_cached_tokens] * geometry.num_layers  # tokens held per layer, in order
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,9 +85,16 @@ class KVReceiver:
             raise KVTransferError("header has no prompt tokens", request_id=rid)
         if self.expected_prompt is not None and header.prompt_token_ids != self.expected_prompt:
             raise KVTransferError("header's prompt tokens differ from the request's", request_id=rid)
-        if header.num_kv_bytes != self.geometry.total_bytes(len(header.prompt_token_ids)):
-            raise KVTransferError(f"header announces {header.num_kv_bytes} KV bytes, layout needs "
-                                  f"{self.geometry.total_bytes(len(header.prompt_token_ids))}", request_id=rid)
+        if header.num_skipped_tokens != self.num_cached_tokens:
+            raise KVTransferError(f"header skips {header.num_skipped_tokens} leading tokens, "
+                                  f"{self.num_cached_tokens} were asked", request_id=rid)
+        if not self.num_cached_tokens < len(header.prompt_token_ids):
+            raise KVTransferError(f"{self.num_cached_tokens} skipped tokens leave none of the "
+                                  f"{len(header.prompt_token_ids)}-token prompt to send", request_id=rid)
+        num_bytes = self.geometry.total_bytes(len(header.prompt_token_ids) - self.num_cached_tokens)
+        if header.num_kv_bytes != num_bytes:
+            raise KVTransferError(f"header announces {header.num_kv_bytes} KV bytes, layout needs {num_bytes}",
+                                  request_id=rid)
         self.header = header
         return list(header.prompt_token_ids)
 

@@ -2,7 +2,7 @@
 
 `on_kv` is called on the engine thread as each layer's KV is computed, every
 layer in order for one token range at a time (a cached prefix, then each compute
-step). A range longer than one chunk holds is cut into chunks of at most
+step); tokens the receiver said it holds (`num_skipped_tokens`) are left out. A range longer than one chunk holds is cut into chunks of at most
 max_chunk_bytes, one layer each; a shorter one is sent for several consecutive
 layers in one chunk, as many as fit (always ending a chunk at the last layer):
 fewer, larger messages cost less per byte on both sides. Chunks are numbered
@@ -59,8 +59,9 @@ ChunkEncoder = Callable[[KVChunkData], bytes]
 class KVSender:
     def __init__(self, request_id: str, geometry: KVGeometry, loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue, max_chunk_bytes: int = MAX_CHUNK_BYTES,
-                 encode: ChunkEncoder | None = None) -> None:
+                 encode: ChunkEncoder | None = None, num_skipped_tokens: int = 0) -> None:
         self.request_id = request_id
+        self.num_skipped_tokens = num_skipped_tokens  # leading tokens the receiver has: not sent
         self.chunk_tokens = geometry.chunk_tokens(max_chunk_bytes)
         self.num_layers = geometry.num_layers
         self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (layer, start, k, v) to group
@@ -72,6 +73,11 @@ class KVSender:
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Engine thread: k, v [Hkv, T, D] of positions [start, start + T) of one layer."""
+        if start < self.num_skipped_tokens:  # the receiver holds these already
+            if start + k.shape[1] <= self.num_skipped_tokens:
+                return
+            cut = self.num_skipped_tokens - start
+            start, k, v = self.num_skipped_tokens, k[:, cut:], v[:, cut:]
         num_tokens = k.shape[1]
         if self._pending:
             last_layer, last_start, last_k, _ = self._pending[-1]

@@ -33,8 +33,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import (CapacityError, DeadlineError, IncompatibleError, InvalidRequestError, KVTransferError,
                             PdserveError, UnavailableError)
-from pdserve.kv_transfer.protocol import KVGeometry
-from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
+from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, streams, wire
@@ -127,11 +126,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self._active[rid] = end_with
             params = wire.sampling_from_pb(request.request.sampling_params)
             generated = list(request.generated_token_ids)
+            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
             remote = False
             if request.prefill_candidates and not generated:
-                remote = await self._prefill_remotely(rid, request, params, sink, attempt, context)
+                remote = await self._prefill_remotely(rid, request, prompt, params, sink, attempt, context)
             if not remote:
-                prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
                 await asyncio.wrap_future(w.loop.submit(rid, prompt, params, sink, generated or None))
             index = len(generated)
             ttft_ms = None
@@ -204,13 +203,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     # -- remote prefill -------------------------------------------------------------
 
-    async def _prefill_remotely(self, rid, request, params: SamplingParams, sink, attempt: _Attempt,
-                                context) -> bool:
+    async def _prefill_remotely(self, rid, request, prompt: list[int], params: SamplingParams, sink,
+                                attempt: _Attempt, context) -> bool:
         """Import the prompt's KV from the first candidate that delivers it; False: prefill locally."""
         w = self.worker
-        if self.options.local_prefill_below:
-            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
-            if len(prompt) < self.options.local_prefill_below:
+        if self.options.local_prefill_below:  # what is left once this worker's prefix cache is counted
+            num_cached = await asyncio.wrap_future(w.loop.call(lambda e: e.num_cached_prefix_tokens(prompt)))
+            if len(prompt) - num_cached < self.options.local_prefill_below:
                 return False
         for i, candidate in enumerate(request.prefill_candidates):
             if i:
@@ -218,7 +217,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             attempt.num_attempts += 1
             attempt.prefill_worker_id = candidate.worker_id or candidate.address
             try:
-                await self._pull(rid, request.request, params, candidate.address, sink, attempt, context)
+                await self._pull(rid, request.request, prompt, params, candidate.address, sink, attempt, context)
                 return True
             except (IncompatibleError, CapacityError):
                 raise
@@ -236,26 +235,33 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         attempt.prefill_worker_id = w.worker_id
         return False
 
-    async def _pull(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
+    async def _pull(self, rid, gen_request, prompt: list[int], params, address: str, sink, attempt: _Attempt,
+                    context) -> None:
         with tracing.span(SpanName.KV_RECEIVE, {Attr.REQUEST_ID: rid, Attr.KV_PEER: address},
                           kind=tracing.SpanKind.CLIENT):
-            await self._receive(rid, gen_request, params, address, sink, attempt, context)
+            await self._receive(rid, gen_request, prompt, params, address, sink, attempt, context)
 
-    async def _receive(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
+    async def _receive(self, rid, gen_request, prompt: list[int], params, address: str, sink, attempt: _Attempt,
+                       context) -> None:
         w = self.worker
         stall = self.options.kv_stall_timeout_s
-        request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id)
+        # Blocks reserved before any KV moves (RESOURCE_EXHAUSTED otherwise); the prefix this worker
+        # holds in its cache is taken from there, and the prefill worker asked to skip it.
+        num_cached = await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
+        request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id,
+                                             num_cached_tokens=num_cached)
         request.request.request_id = rid
         remaining = context.time_remaining()
         call = self._stub(address).Prefill(request, timeout=remaining, metadata=tracing.inject_metadata())
-        receiver = KVReceiver(rid, None, w.fingerprint, w.geometry, w.engine.dtype)
+        receiver = KVReceiver(rid, prompt, w.fingerprint, w.geometry, w.engine.dtype, num_cached)
         stream = call.__aiter__()
         writes = []
         try:
             header = await asyncio.wait_for(stream.__anext__(), stall)
             header_at = time.monotonic()
-            prompt = receiver.on_header(_header_data(header))
-            await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
+            if isinstance(header, wire.KVChunkView) or header.WhichOneof("kind") != "header":
+                raise KVTransferError("the prefill stream did not start with a header", request_id=rid)
+            receiver.on_header(wire.kv_header_from_pb(header.header))
             while True:
                 msg = await asyncio.wait_for(stream.__anext__(), stall)
                 kind = "chunk" if isinstance(msg, wire.KVChunkView) else msg.WhichOneof("kind")
@@ -314,15 +320,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return wire.result_to_pb(out, timings, request_id=rid, prefill_worker_id=attempt.prefill_worker_id
                                  or self.worker.worker_id, decode_worker_id=self.worker.worker_id,
                                  prefill_mode=mode, num_prefill_attempts=attempt.num_attempts)
-
-
-def _header_data(msg: prefill_pb2.PrefillResponse) -> KVHeaderData:
-    if msg.WhichOneof("kind") != "header":
-        raise KVTransferError("the prefill stream did not start with a header")
-    h = msg.header
-    lay = h.kv_layout
-    return KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), wire.fingerprint_str(h.model),
-                        KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes)
 
 
 def _describe(exc: BaseException) -> str:

@@ -77,6 +77,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 params = wire.sampling_from_pb(request.request.sampling_params)
                 prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
                 w.engine.validate_prompt(prompt, params, request_id=rid)
+                if request.num_cached_tokens >= len(prompt):
+                    raise InvalidRequestError("num_cached_tokens", f"{request.num_cached_tokens} leaves none of "
+                                              f"the {len(prompt)}-token prompt to send", request_id=rid)
             except PdserveError:
                 w.metrics.inc_preprocessing_failure()
                 raise
@@ -142,7 +145,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         loop = asyncio.get_running_loop()
         # Chunks are encoded on the engine thread, unless fault injection may damage them first.
         encode = wire.kv_chunk_response if self.faults.action is None else None
-        sender = KVSender(rid, w.geometry, loop, queue, self._chunk_bytes(request), encode)
+        sender = KVSender(rid, w.geometry, loop, queue, self._chunk_bytes(request), encode,
+                          num_skipped_tokens=request.num_cached_tokens)
         # The first token is sampled here with the request's own parameters; the rest is decode's.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
 
@@ -178,8 +182,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         w = self.worker
         return prefill_pb2.KVHeader(
             wire_version=WIRE_VERSION, request_id=rid, prompt_token_ids=prompt, num_prompt_tokens=len(prompt),
-            model=w.fingerprint_pb, kv_layout=w.layout_pb, num_kv_bytes=w.geometry.total_bytes(len(prompt)),
-            chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)), prefill_worker_id=w.worker_id)
+            model=w.fingerprint_pb, kv_layout=w.layout_pb,
+            num_kv_bytes=w.geometry.total_bytes(len(prompt) - request.num_cached_tokens),
+            chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)),
+            num_skipped_tokens=request.num_cached_tokens, prefill_worker_id=w.worker_id)
 
     def _first_token(self, rid: str, out: RequestOutput, started: float) -> prefill_pb2.FirstToken:
         total_ms = (time.monotonic() - started) * 1e3

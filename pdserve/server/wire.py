@@ -11,7 +11,8 @@ from pdserve.engine.model_loader import Fingerprint, ModelSpec
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.errors import InvalidRequestError
-from pdserve.kv_transfer.protocol import payload_checksum
+from pdserve.kv_transfer.protocol import KVGeometry, payload_checksum
+from pdserve.kv_transfer.receiver import KVHeaderData
 from pdserve.kv_transfer.sender import KVChunkData
 from pdserve.preprocess import ChatMessage, Preprocessor
 from pdserve.server.malformed import read_varint
@@ -61,6 +62,13 @@ def fingerprint_str(pb: common_pb2.ModelFingerprint) -> str:
 def layout_to_pb(spec: ModelSpec, dtype: torch.dtype) -> common_pb2.KVLayout:
     return common_pb2.KVLayout(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
                                head_dim=spec.head_dim, dtype=str(dtype).removeprefix("torch."))
+
+
+def kv_header_from_pb(h: prefill_pb2.KVHeader) -> KVHeaderData:
+    lay = h.kv_layout
+    return KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), fingerprint_str(h.model),
+                        KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes,
+                        h.num_skipped_tokens)
 
 
 def layout_str(pb: common_pb2.KVLayout) -> str:

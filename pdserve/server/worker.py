@@ -50,6 +50,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
     p.add_argument("--kv-cache-gib", type=float, default=default_kv_gib)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="keep no finished prompt's KV for reuse (prefix caching is on by default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -63,7 +65,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
+                          enable_prefix_caching=args.prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs),
     )

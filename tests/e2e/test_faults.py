@@ -10,14 +10,13 @@ import concurrent.futures
 import signal
 import time
 
-import grpc
 import pytest
 
 from pdserve.client import Client
 from pdserve.cluster import ClusterSpec, LocalCluster
 from pdserve.errors import IncompatibleError
-from pdserve.status import error_from_status
-from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from pdserve.v1 import common_pb2
+from tests import cluster_helpers
 from tests.cluster_helpers import E2E_LOG, start_worker, wait_kv_free
 from tests.engine_helpers import hf_greedy, random_prompts
 
@@ -30,7 +29,8 @@ SMALL_CHUNKS = ("--kv-chunk-bytes", "4096")
 
 @pytest.fixture(scope="module")
 def decode(tiny_dir):
-    child = start_worker("decode", tiny_dir, "--kv-stall-timeout-s", "1.0")
+    # Without a prefix cache, every test's transfer carries the whole prompt (the fault points count on it).
+    child = start_worker("decode", tiny_dir, "--kv-stall-timeout-s", "1.0", "--no-prefix-caching")
     yield child
     child.stop(5)
 
@@ -48,24 +48,7 @@ def expected(tiny_oracles):
 
 
 def generate_via(decode_address: str, candidates: list[str], prompt=PROMPT, max_tokens=MAX_TOKENS):
-    """DecodeService.Generate with an explicit candidate list; (token ids, result)."""
-    request = decode_pb2.DecodeGenerateRequest(
-        request=common_pb2.GenerateRequest(
-            prompt_token_ids=common_pb2.TokenIds(token_ids=prompt),
-            sampling_params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0)),
-        prefill_candidates=[decode_pb2.PrefillCandidate(worker_id=f"p{i}", address=a)
-                            for i, a in enumerate(candidates)])
-    tokens, result = [], None
-    with grpc.insecure_channel(decode_address) as channel:
-        try:
-            for response in decode_pb2_grpc.DecodeServiceStub(channel).Generate(request, timeout=60):
-                if response.WhichOneof("kind") == "delta":
-                    tokens.extend(response.delta.token_ids)
-                else:
-                    result = response.result
-        except grpc.RpcError as exc:
-            raise error_from_status(exc.code(), exc.details()) from None
-    return tokens, result
+    return cluster_helpers.generate_via(decode_address, candidates, prompt, max_tokens)
 
 
 def test_remote_prefill_matches_oracle(decode, healthy_prefill, expected):
@@ -183,16 +166,13 @@ def test_killed_decode_worker_is_dropped_and_avoided(tiny_dir):
 
 
 def _retries(metrics_port: int) -> float:
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(v) for v in re.findall(r"^pdserve_kv_transfer_retries_total\{[^}]*\} (\S+)$", text, re.M))
+    return cluster_helpers.metric_sum(metrics_port, "pdserve_kv_transfer_retries_total")
 
 
 @pytest.fixture(scope="module")
 def counted_decode(tiny_dir):
-    child = start_worker("decode", tiny_dir, "--kv-stall-timeout-s", "1.0", "--metrics-port", "0")
+    child = start_worker("decode", tiny_dir, "--kv-stall-timeout-s", "1.0", "--metrics-port", "0",
+                         "--no-prefix-caching")
     yield child
     child.stop(5)
 

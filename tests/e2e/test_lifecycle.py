@@ -12,11 +12,10 @@ import pytest
 from pdserve.client import Client
 from pdserve.cluster import Child
 from pdserve.errors import InvalidRequestError, PdserveError
-from tests.cluster_helpers import start_worker
+from tests.cluster_helpers import generate_via, start_worker
 from tests.engine_helpers import random_prompts
-from tests.e2e.test_faults import generate_via
 
-SHORT, LONG = random_prompts([10, 60], seed=4)
+SHORT, LONG, UNSEEN = random_prompts([10, 60, 60], seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +53,8 @@ def test_router_with_static_worker_lists(static_router):
 
 
 def test_short_prompts_prefill_locally(decode, prefill):
-    _, short = generate_via(decode.address, [prefill.address], prompt=SHORT, max_tokens=3)
-    _, long = generate_via(decode.address, [prefill.address], prompt=LONG, max_tokens=3)
+    _, short = generate_via(decode.address, [prefill.address], SHORT, 3)
+    _, long = generate_via(decode.address, [prefill.address], UNSEEN, 3)  # none of it in the prefix cache
     assert short.prefill_mode == 2 and long.prefill_mode == 1  # LOCAL, REMOTE
 
 

@@ -184,6 +184,37 @@ def test_exported_kv_imported_elsewhere_gives_identical_output(tiny_loaded, refe
     assert first == refs["llama"][6][:1]
 
 
+def test_a_remote_prompt_takes_its_cached_prefix_and_only_the_rest_is_written(tiny_loaded, references):
+    """The decode side of prefix reuse: the reservation shares the cached blocks (never the one with the
+    last token), writes into them are refused, and importing the rest continues like local prefill."""
+    prompts, refs = references
+    loaded = tiny_loaded("llama")
+    src, dst = make_engine(loaded), make_engine(loaded, block_size=8)
+    prompt = prompts[6]
+    chunks = []
+    src.kv_export_sink = lambda rid, layer, start, k, v: chunks.append((layer, start, k, v))
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0), export_kv=True)
+    first = tokens_of(run_to_completion(src)["p"])
+    dst.add_request("warm", prompt[:20], SamplingParams(max_tokens=1, temperature=0.0))
+    run_to_completion(dst)  # dst caches the first 16 tokens (two full blocks of 8)
+    assert dst.num_cached_prefix_tokens(prompt) == 16
+    assert dst.num_cached_prefix_tokens(prompt[:16]) == 8  # the block with the last token is not taken
+    assert dst.stats().num_cached == 2
+    assert dst.add_remote_request("p", prompt, GREEDY) == 16
+    assert dst.stats().num_cached == 0  # the two cached blocks were taken, not copied
+    layer, start, k, v = chunks[0]
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        dst.write_kv("p", layer, 8, k[:, 8:16], v[:, 8:16])  # inside the shared blocks
+    for layer, start, k, v in chunks:
+        end = start + k.shape[1]
+        if end > 16:
+            cut = max(0, 16 - start)
+            dst.write_kv("p", layer, start + cut, k[:, cut:], v[:, cut:])
+    dst.complete_remote_kv("p", first[0])
+    assert tokens_of(run_to_completion(dst)["p"]) == refs["llama"][6]
+    assert dst.stats().num_used == 0
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "field"),
     [

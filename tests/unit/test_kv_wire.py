@@ -163,3 +163,37 @@ def test_receiver_refuses_another_wire_version():
     r = KVReceiver("r", None, "fp", GEOMETRY, torch.bfloat16)
     with pytest.raises(IncompatibleError, match="wire version 3"):  # v3 sent no checksums
         r.on_header(KVHeaderData(3, "r", (1, 2), "fp", GEOMETRY, GEOMETRY.total_bytes(2)))
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, 240, 2**20])
+def test_skipped_tokens_are_left_out_and_the_receiver_expects_exactly_that(max_chunk_bytes):
+    prompt, skip = list(range(10)), 4
+    kv = [(torch.randn(3, 10, 4).to(torch.bfloat16), torch.randn(3, 10, 4).to(torch.bfloat16))
+          for _ in range(GEOMETRY.num_layers)]
+    loop = asyncio.new_event_loop()
+    try:
+        queue: asyncio.Queue = asyncio.Queue()
+        sender = KVSender("r", GEOMETRY, loop, queue, max_chunk_bytes, num_skipped_tokens=skip)
+        for layer, (k, v) in enumerate(kv):  # as the engine exports a cached prefix: [0, 6), then [6, 10)
+            sender.on_kv(layer, 0, k[:, :6], v[:, :6])
+        for layer, (k, v) in enumerate(kv):
+            sender.on_kv(layer, 6, k[:, 6:], v[:, 6:])
+        loop.run_until_complete(asyncio.sleep(0))
+        chunks = [queue.get_nowait() for _ in range(queue.qsize())]
+    finally:
+        loop.close()
+    assert sender.num_bytes == GEOMETRY.total_bytes(len(prompt) - skip)
+    header = KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, sender.num_bytes, skip)
+    with pytest.raises(KVTransferError, match="skips 4 leading tokens, 0 were asked"):
+        KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16).on_header(header)
+    r = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16, num_cached_tokens=skip)
+    r.on_header(header)
+    got: dict[int, list] = {}
+    for c in chunks:
+        for layer, start, k, v in r.on_chunk(wire.prefill_response_from_bytes(wire.kv_chunk_response(c))):
+            got.setdefault(layer, []).append((start, k, v))
+    r.check_complete()
+    for layer, (k, v) in enumerate(kv):
+        assert got[layer][0][0] == skip
+        assert torch.equal(torch.cat([x for _, x, _ in got[layer]], dim=1), k[:, skip:])
+        assert torch.equal(torch.cat([x for _, _, x in got[layer]], dim=1), v[:, skip:])
