@@ -22,18 +22,27 @@ by pending prefill tokens + in_flight * estimate, least first, at most
 `max_prefill_candidates`. The decode worker tries them in order and prefills locally
 when the list is empty or all fail.
 
+Prefix affinity (`pdserve.router.prefix_affinity`): given the request's prefix keys, a decode
+worker thought to hold a longer prefix of the prompt in its KV cache (the router sent it an
+earlier turn of the conversation) is taken instead of the two-choice winner when the prompt
+fits there and it runs at most `affinity_slack` more requests: its cached blocks need neither
+prefill compute nor transfer. Prefill candidates are ordered by the work a prompt would add:
+pending tokens plus the prompt's tokens not thought cached there.
+
 `place` does not record its choice: the caller calls `registry.begin` for the workers it
-sends the request to, and `registry.finish` when the request ends.
+sends the request to, `placed` to remember the prefix they will hold, and `registry.finish`
+when the request ends.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 from pdserve.errors import UnavailableError
+from pdserve.router.prefix_affinity import PrefixIndex
 from pdserve.router.registry import Registry, Role, Worker
 
 
@@ -68,9 +77,9 @@ def decode_score(worker: Worker, num_tokens: int) -> DecodeScore:
     return DecodeScore(fits=free >= need, free_blocks=free, num_requests=num_requests)
 
 
-def prefill_score(worker: Worker, num_tokens: int) -> int:
-    """Prompt tokens queued ahead of a new prompt on this prefill worker (estimated)."""
-    return worker.load.num_pending_prefill_tokens + worker.in_flight * num_tokens
+def prefill_score(worker: Worker, num_tokens: int, num_cached_tokens: int = 0) -> int:
+    """Prompt tokens this prefill worker would compute before and for a new prompt (estimated)."""
+    return worker.load.num_pending_prefill_tokens + worker.in_flight * num_tokens + num_tokens - num_cached_tokens
 
 
 def compatible(registry: Registry, prefill: Worker, decode: Worker) -> bool:
@@ -88,21 +97,25 @@ class Placer:
         *,
         rng: random.Random | None = None,
         max_prefill_candidates: int = 3,
+        affinity_slack: int = 8,
     ) -> None:
         if max_prefill_candidates < 0:
             raise ValueError(f"max_prefill_candidates must be >= 0, got {max_prefill_candidates}")
         self.registry = registry
         self.rng = rng if rng is not None else random.Random()
         self.max_prefill_candidates = max_prefill_candidates
+        self.affinity_slack = affinity_slack  # < 0: prefixes are ignored
+        self.prefixes = PrefixIndex()
 
     def place(
         self, num_prompt_tokens_estimate: int, *, exclude_decode: Set[str] = frozenset(),
-        version: str | None = None,
+        version: str | None = None, prefix_keys: Sequence[int] = (),
     ) -> Placement:
         """Pick a decode worker and its prefill candidates for a prompt of about this size.
 
-        `version`: only workers with that rollout label (None: any). Raises
-        UnavailableError when no healthy decode worker is left after `exclude_decode`.
+        `version`: only workers with that rollout label (None: any); `prefix_keys`: the
+        request's (`prefix_affinity.block_keys`). Raises UnavailableError when no healthy
+        decode worker is left after `exclude_decode`.
         """
         if num_prompt_tokens_estimate < 0:
             raise ValueError(
@@ -114,45 +127,58 @@ class Placer:
         ]
         if not decodes:
             raise UnavailableError("no healthy decode worker" + (f" of version {version!r}" if version else ""))
-        decode, sampled = self._choose_decode(decodes, num_prompt_tokens_estimate)
-        prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate, version)
-        reason = _describe(decode, sampled, prefills, num_prompt_tokens_estimate)
+        keys = prefix_keys if self.affinity_slack >= 0 else ()
+        decode, how = self._choose_decode(decodes, num_prompt_tokens_estimate, keys)
+        prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate, version, keys)
+        reason = _describe(decode, how, prefills, num_prompt_tokens_estimate)
         return Placement(decode=decode, prefills=prefills, reason=reason)
 
-    def _choose_decode(
-        self, decodes: list[Worker], num_tokens: int
-    ) -> tuple[Worker, list[Worker]]:
-        """The better of two sampled workers, and the sample (for the reason string)."""
-        sampled = decodes if len(decodes) == 1 else self.rng.sample(decodes, 2)
-        best = min(
-            sampled, key=lambda w: (decode_score(w, num_tokens).key, w.worker_id)
-        )
-        return best, sampled
+    def placed(self, placement: Placement, prefix_keys: Sequence[int]) -> None:
+        """The request goes to these workers: they will hold its prefix."""
+        for worker in [placement.decode, *placement.prefills[:1]]:
+            self.prefixes.record(worker.worker_id, prefix_keys, worker.load.kv_num_total * worker.load.kv_block_size)
 
-    def _prefill_candidates(self, decode: Worker, num_tokens: int, version: str | None) -> list[Worker]:
+    def forget(self, worker_id: str) -> None:
+        """The worker (re)registered: whatever it cached is gone."""
+        self.prefixes.forget(worker_id)
+
+    def _choose_decode(self, decodes: list[Worker], num_tokens: int, keys: Sequence[int]) -> tuple[Worker, str]:
+        """The better of two sampled workers, or one holding more of the prefix; and why."""
+        sampled = decodes if len(decodes) == 1 else self.rng.sample(decodes, 2)
+        best = min(sampled, key=lambda w: (decode_score(w, num_tokens).key, w.worker_id))
+        how = "only candidate" if len(sampled) == 1 else "p2c of " + ",".join(sorted(w.worker_id for w in sampled))
+        if not keys:
+            return best, how
+        matches = {w.worker_id: self.prefixes.match(w.worker_id, keys) for w in decodes}
+        warm = max(decodes, key=lambda w: (matches[w.worker_id], -decode_score(w, num_tokens).num_requests))
+        if matches[warm.worker_id] > matches[best.worker_id]:
+            score, best_score = decode_score(warm, num_tokens), decode_score(best, num_tokens)
+            if score.fits and score.num_requests <= best_score.num_requests + self.affinity_slack:
+                best, how = warm, "prefix affinity"
+        return best, f"{how}; holds {matches[best.worker_id]} of {len(keys)} prefix blocks"
+
+    def _prefill_candidates(self, decode: Worker, num_tokens: int, version: str | None,
+                            keys: Sequence[int]) -> list[Worker]:
         matching = [
             w
             for w in self.registry.healthy(Role.PREFILL)
             if compatible(self.registry, w, decode) and version in (None, w.info.version)
         ]
-        matching.sort(key=lambda w: (prefill_score(w, num_tokens), w.worker_id))
+
+        def cached(w: Worker) -> int:  # prompt tokens thought cached there
+            return num_tokens * self.prefixes.match(w.worker_id, keys) // len(keys) if keys else 0
+
+        matching.sort(key=lambda w: (prefill_score(w, num_tokens, cached(w)), w.worker_id))
         return matching[: self.max_prefill_candidates]
 
 
-def _describe(
-    decode: Worker, sampled: list[Worker], prefills: list[Worker], num_tokens: int
-) -> str:
+def _describe(decode: Worker, how: str, prefills: list[Worker], num_tokens: int) -> str:
     score = decode_score(decode, num_tokens)
     room = f"{score.free_blocks} free blocks"
     if not score.fits:
         room += " (too few for the prompt)"
-    how = (
-        "only candidate"
-        if len(sampled) == 1
-        else "p2c of " + ",".join(sorted(w.worker_id for w in sampled))
-    )
     text = f"decode {decode.worker_id}: {room}, {score.num_requests} requests ({how})"
     if not prefills:
         return text + "; no compatible prefill: decode prefills locally"
     first = prefills[0]
-    return text + f"; prefill {first.worker_id}: {prefill_score(first, num_tokens)} pending tokens"
+    return text + f"; prefill {first.worker_id}: {first.load.num_pending_prefill_tokens} pending tokens"

@@ -4,8 +4,9 @@ Request lifecycle (one RouterService.Generate stream):
 1. cheap validation (sampling parameters, an input present); a request id assigned;
 2. admission (`pdserve.router.admission`): at most --max-inflight requests in the
    cluster, up to --max-queue more wait; beyond, RESOURCE_EXHAUSTED with a retry hint;
-3. placement (`pdserve.router.placement`): a decode worker by KV room and load,
-   and its ordered prefill candidates, from the load the workers report; when every
+3. placement (`pdserve.router.placement`): a decode worker by KV room and load, or
+   one holding the prompt's prefix (`pdserve.router.prefix_affinity`), and its ordered
+   prefill candidates, from the load the workers report; when every
    decode worker is unhealthy for now (missed heartbeats, a restart), the request waits
    for one, at most --placement-wait-s;
 4. DecodeService.Generate on the chosen worker; its stream is relayed as is,
@@ -30,6 +31,7 @@ heartbeats is not placed on.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import logging
 import os
@@ -42,6 +44,7 @@ import grpc
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.router.admission import Admission
 from pdserve.router.placement import Placement, Placer
+from pdserve.router.prefix_affinity import block_keys
 from pdserve.router.rollout import Rollout
 from pdserve.router.registry import Registry, Role
 from pdserve.router.relays import Relays
@@ -84,9 +87,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Register(self, request: router_pb2.RegisterRequest, context):
         try:
-            return self.membership.register(request)
+            response = self.membership.register(request)
         except PdserveError as exc:
             await abort_with(context, exc)
+        self.placer.forget(response.worker_id)  # a (re)started worker holds no prefix yet
+        return response
 
     async def Heartbeat(self, request: router_pb2.HeartbeatRequest, context):
         try:
@@ -192,6 +197,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
                         version: str | None = None, watch: streams.Watch | None = None):
         rid = request.request_id
+        prefix_keys = block_keys(_prefix_bytes(request))
         excluded: set[str] = set()
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
         generated: list[int] = []  # token ids already streamed to the client
@@ -199,7 +205,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         attempt = migrations = 0
         while attempt < MAX_PLACEMENTS:
             try:
-                placement = await self._place_when_possible(request, excluded, attempt, version, started, timeout_s)
+                placement = await self._place_when_possible(request, prefix_keys, excluded, attempt, version,
+                                                            started, timeout_s)
             except UnavailableError as exc:
                 if not (attempt or migrations):
                     last_error = UnavailableError(str(exc), request_id=rid)
@@ -207,7 +214,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             queue_ms = (time.monotonic() - started) * 1e3
             log.debug("request %s: %s", rid, placement.reason)
             sent_here = False
-            self._begin(placement)
+            self._begin(placement, prefix_keys)
             call = relay = None
             try:
                 remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
@@ -269,8 +276,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             attempt += 1
         raise last_error
 
-    async def _place_when_possible(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
-                                   version: str | None, started: float, timeout_s: float | None) -> Placement:
+    async def _place_when_possible(self, request: common_pb2.GenerateRequest, prefix_keys: list[int],
+                                   excluded: set[str], attempt: int, version: str | None, started: float,
+                                   timeout_s: float | None) -> Placement:
         """Place the request; when every decode worker that could take it is unhealthy for now (missed
         heartbeats under load, a restart), wait for one, at most --placement-wait-s and the deadline.
         A request no registered worker could ever take (e.g. an unknown version) fails at once."""
@@ -279,7 +287,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             until = min(until, started + timeout_s)
         while True:
             try:
-                return self._place(request, excluded, attempt, version)
+                return self._place(request, prefix_keys, excluded, attempt, version)
             except UnavailableError:
                 known = [w for w in self.registry.all() if w.role == Role.DECODE and w.worker_id not in excluded
                          and version in (None, w.info.version)]
@@ -287,10 +295,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     raise
                 await asyncio.sleep(PLACEMENT_POLL_S)
 
-    def _place(self, request: common_pb2.GenerateRequest, excluded: set[str], attempt: int,
-               version: str | None) -> Placement:
+    def _place(self, request: common_pb2.GenerateRequest, prefix_keys: list[int], excluded: set[str],
+               attempt: int, version: str | None) -> Placement:
         with tracing.span(SpanName.PLACEMENT, {Attr.PLACEMENT_ATTEMPT: attempt, "pdserve.version": version}):
-            placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded, version=version)
+            placement = self.placer.place(_estimate_tokens(request), exclude_decode=excluded, version=version,
+                                          prefix_keys=prefix_keys)
             tracing.set_attributes({
                 Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id, Attr.PLACEMENT_REASON: placement.reason,
                 Attr.PLACEMENT_PREFILL_CANDIDATES: [w.worker_id for w in placement.prefills]})
@@ -317,7 +326,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         elif code == grpc.StatusCode.FAILED_PRECONDITION and placement.prefills:
             self.registry.incompatible(placement.prefills[0].worker_id, decode.worker_id)
 
-    def _begin(self, placement: Placement) -> None:
+    def _begin(self, placement: Placement, prefix_keys: list[int]) -> None:
+        self.placer.placed(placement, prefix_keys)
         self.registry.begin(placement.decode.worker_id)
         if placement.prefills:
             self.registry.begin(placement.prefills[0].worker_id)
@@ -366,6 +376,16 @@ def _operation(request: common_pb2.GenerateRequest) -> str:
     return "chat" if request.WhichOneof("input") == "messages" else "text_completion"
 
 
+def _prefix_bytes(request: common_pb2.GenerateRequest) -> bytes:
+    """The request's input as bytes, each earlier turn of a conversation a prefix of the next's."""
+    kind = request.WhichOneof("input")
+    if kind == "prompt_token_ids":
+        return array.array("I", request.prompt_token_ids.token_ids).tobytes()
+    if kind == "messages":
+        return b"".join(f"{m.role}\n{m.content}\x1e".encode() for m in request.messages.messages)
+    return request.prompt.encode()
+
+
 def _estimate_tokens(request: common_pb2.GenerateRequest) -> int:
     kind = request.WhichOneof("input")
     if kind == "prompt_token_ids":
@@ -392,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement-wait-s", type=float, default=5.0,
                    help="how long a request waits for a decode worker when none is healthy for now")
     streams.add_args(p)
+    p.add_argument("--prefix-affinity-slack", type=int, default=8,
+                   help="how many more requests than the load-balanced choice a decode worker that holds the "
+                        "prompt's prefix may run and still be chosen (-1: place by load alone)")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="how often one request may move to another decode worker when its own dies")
     p.add_argument("--http-port", type=int, default=None,
@@ -413,7 +436,7 @@ async def serve(args: argparse.Namespace) -> None:
     tls_files = tls.TlsFiles.from_args(args)
     daemon.configure_tls(tls_files)
     metrics = observe.start("router", args)
-    servicer = RouterServicer(registry, Placer(registry), metrics, migration_limit=args.migration_limit,
+    servicer = RouterServicer(registry, Placer(registry, affinity_slack=args.prefix_affinity_slack), metrics, migration_limit=args.migration_limit,
                               admission=Admission(args.max_inflight, args.max_queue, args.queue_timeout_s),
                               slow_reader_timeout_s=args.slow_reader_timeout_s,
                               placement_wait_s=args.placement_wait_s)

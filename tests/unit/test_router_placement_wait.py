@@ -29,7 +29,7 @@ def test_a_request_waits_for_a_decode_worker_that_comes_back():
         servicer, registry, decode = router(wait_s=5.0)
         registry.mark_failed(decode)  # e.g. missed heartbeats under load
         started = time.monotonic()
-        placing = asyncio.ensure_future(servicer._place_when_possible(REQUEST, set(), 0, None, started, None))
+        placing = asyncio.ensure_future(servicer._place_when_possible(REQUEST, [], set(), 0, None, started, None))
         await asyncio.sleep(0.2)
         assert not placing.done()
         registry.heartbeat(decode, Load(kv_num_total=100, kv_num_free=100, kv_block_size=16))  # it answers again
@@ -45,12 +45,12 @@ def test_the_wait_is_bounded_by_the_option_and_the_deadline():
         registry.mark_failed(decode)
         started = time.monotonic()
         with pytest.raises(UnavailableError):
-            await servicer._place_when_possible(REQUEST, set(), 0, None, started, None)
+            await servicer._place_when_possible(REQUEST, [], set(), 0, None, started, None)
         assert 0.3 <= time.monotonic() - started < 1.0
         servicer.placement_wait_s = 30.0
         started = time.monotonic()
         with pytest.raises(UnavailableError):
-            await servicer._place_when_possible(REQUEST, set(), 0, None, started, 0.2)  # a 0.2 s deadline
+            await servicer._place_when_possible(REQUEST, [], set(), 0, None, started, 0.2)  # a 0.2 s deadline
         assert time.monotonic() - started < 0.6
 
     asyncio.run(main())
@@ -63,7 +63,7 @@ def test_no_wait_for_a_worker_that_could_never_take_the_request():
         started = time.monotonic()
         for version, excluded in (("v2", set()), (None, {decode})):  # unknown version; already failed here
             with pytest.raises(UnavailableError):
-                await servicer._place_when_possible(REQUEST, excluded, 0, version, started, None)
+                await servicer._place_when_possible(REQUEST, [], excluded, 0, version, started, None)
         assert time.monotonic() - started < 0.2
 
     asyncio.run(main())
