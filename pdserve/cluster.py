@@ -66,8 +66,9 @@ class Child:
         reader.start()
         reader.join(timeout)
         if not result:
-            raise FatalError(f"{self.role} did not become ready within {timeout:.0f} s "
-                             f"(exit code {self.process.poll()})")
+            code = self.process.poll()
+            raise FatalError(f"{self.role} exited with code {code} before it was ready" if code is not None
+                             else f"{self.role} did not become ready within {timeout:.0f} s")
         self.address = result["address"]
         self.ready = result
         return self.address

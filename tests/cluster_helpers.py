@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import re
+import tempfile
 import time
 import urllib.request
 
@@ -13,6 +14,7 @@ import grpc
 
 from pdserve.client import AsyncClient, Client
 from pdserve.cluster import Child
+from pdserve.errors import FatalError
 from pdserve.status import error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -24,9 +26,14 @@ def start_worker(role: str, model: str, *extra: str, env: dict[str, str] | None 
     """A standalone worker (no router), ready to serve."""
     child = Child(role, ["--model", model, "--dtype", dtype, "--kv-cache-gib", "0.05", "--threads", "1",
                          "--grace-s", "2", *extra], dict(os.environ, **env) if env else None)
-    log = open(E2E_LOG, "a") if E2E_LOG else None
-    child.start(log if log else open(os.devnull, "w"))
-    child.wait_ready(120)
+    log = open(E2E_LOG, "a") if E2E_LOG else tempfile.TemporaryFile("w+")
+    child.start(log)
+    try:
+        child.wait_ready(120)
+    except FatalError as exc:  # say why: the end of what it wrote to stderr
+        log.flush()
+        log.seek(0)
+        raise FatalError(f"{exc}; its stderr ends with:\n{log.read()[-4000:]}") from None
     return child
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ SERVER_OPTIONS = [
 
 
 def setup_logging(role: str) -> None:
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves every thread's Python stack on stderr
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpc._cython.cygrpc").addFilter(_call_already_ended)
