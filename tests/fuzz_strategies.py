@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import xxhash
 from hypothesis import strategies as st
 
 from pdserve.v1 import common_pb2, decode_pb2, prefill_pb2, router_pb2
@@ -227,7 +228,9 @@ def decode_requests(draw, targets: Targets) -> decode_pb2.DecodeGenerateRequest:
 
 @st.composite
 def prefill_requests(draw, targets: Targets) -> prefill_pb2.PrefillRequest:
-    req = prefill_pb2.PrefillRequest(num_cached_tokens=draw(u32), decode_worker_id=draw(texts))
+    # Mostly a prefix a decode worker could hold (0 to a few blocks), sometimes anything.
+    skip = draw(st.one_of(st.just(0), st.just(0), st.integers(0, 64), u32))
+    req = prefill_pb2.PrefillRequest(num_cached_tokens=skip, decode_worker_id=draw(texts))
     if draw(st.integers(0, 9)):
         req.request.CopyFrom(draw(generate_requests(targets.vocab_size, unique_ids=targets.unique_request_ids)))
     for name in ("block_size", "max_chunk_bytes"):
@@ -424,7 +427,7 @@ def check(out: Outcome, vocab: int) -> list[str]:
         if call.rpc in ("router.Generate", "decode.Generate"):
             problems += check_generate_stream(out.responses, request, vocab)
         elif call.rpc == "prefill.Prefill":
-            problems += check_prefill_stream(out.responses, vocab)
+            problems += check_prefill_stream(out.responses, request, vocab)
         elif parse(rpc.response_type, out.responses[0]) is None:
             problems.append("response does not parse")
     return problems
@@ -470,7 +473,7 @@ def check_generate_stream(responses: list[bytes], request, vocab: int) -> list[s
     return problems
 
 
-def check_prefill_stream(responses: list[bytes], vocab: int) -> list[str]:
+def check_prefill_stream(responses: list[bytes], request: prefill_pb2.PrefillRequest, vocab: int) -> list[str]:
     msgs = [parse(prefill_pb2.PrefillResponse, r) for r in responses]
     if any(m is None for m in msgs):
         return ["a response does not parse"]
@@ -492,6 +495,12 @@ def check_prefill_stream(responses: list[bytes], vocab: int) -> list[str]:
     if any(c.layer_index >= header.kv_layout.num_layers or c.token_end <= c.token_start
            or c.token_end > header.num_prompt_tokens for c in chunks):
         problems.append("a chunk's layer or token range is out of bounds")
+    if header.num_skipped_tokens != request.num_cached_tokens:
+        problems.append(f"header skips {header.num_skipped_tokens} tokens, {request.num_cached_tokens} asked")
+    if any(c.token_start < header.num_skipped_tokens for c in chunks):
+        problems.append("a chunk carries skipped tokens")
+    if any(c.checksum != xxhash.xxh3_64_intdigest(c.k_bytes + c.v_bytes) for c in chunks):
+        problems.append("a chunk's checksum does not match its payload")
     if first.token_id >= vocab:
         problems.append(f"first token {first.token_id} out of vocab")
     return problems

@@ -24,6 +24,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 # Below this temperature, logits / temperature can overflow float32; such rows are greedy.
 MIN_TEMPERATURE = 1e-5
 # Top-k / top-p sets are looked for among at most this many best tokens of a row,
@@ -221,6 +222,8 @@ class Sampler:
         logits = logits.to(torch.float32, copy=bool(penalised))  # [B, V]
         for i in penalised:
             apply_penalties(logits[i], rows[i])
+            # Extreme penalties overflow float32: +inf would make the filters' sums inf - inf.
+            logits[i].nan_to_num_(nan=-math.inf, posinf=_FLOAT32_MAX, neginf=-math.inf)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(random_rows) < len(rows):
             token_ids = logits.max(dim=-1).indices  # [B]; random rows are overwritten below
@@ -259,7 +262,9 @@ def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     Overwrites `logits`, which must be the caller's own copy.
     """
     temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-    scaled = logits.div_(temperature.unsqueeze(1))  # [b, V]
+    # A temperature past float32's range would be inf, and -inf / inf is NaN: the largest finite one
+    # gives the same (uniform) distribution.
+    scaled = logits.div_(temperature.clamp_(max=_FLOAT32_MAX).unsqueeze(1))  # [b, V]
     scaled = _filter_top_k_top_p(scaled, rows)
     min_p = [r.params.min_p for r in rows]
     if any(min_p):

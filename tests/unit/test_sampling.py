@@ -393,3 +393,21 @@ def test_cuda_logits_sample_the_same_tokens_as_cpu() -> None:
     logits = random_logits(len(MIXED_PARAMS))
     rows = [row(p, position=i) for i, p in enumerate(MIXED_PARAMS)]
     assert Sampler()(logits.cuda(), rows).token_ids == Sampler()(logits, rows).token_ids
+
+
+@pytest.mark.parametrize("temperature", [1e-5, 1.0, 1e38, 1e308])
+@pytest.mark.parametrize("repetition_penalty", [5e-324, 1.0, 1e308])
+@pytest.mark.parametrize(("presence_penalty", "frequency_penalty"), [(0.0, 0.0), (-2.0, 2.0), (2.0, -2.0)])
+@pytest.mark.parametrize(("top_k", "top_p", "min_p"), [(0, 1.0, 0.0), (1, 1.0, 0.0), (40, 0.5, 0.1), (0, 1e-300, 1.0)])
+def test_values_past_float32s_range_never_break_the_draw(temperature, repetition_penalty, presence_penalty,
+                                                          frequency_penalty, top_k, top_p, min_p):
+    """Found by the fuzzer: temperature 1e308 (inf in float32) over logits a tiny repetition penalty made
+    inf gave NaN rows, and the top-k filter failed on them, killing the engine thread."""
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            top_k=top_k, top_p=top_p, min_p=min_p, logprobs=2)
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)) * 4
+    rows = [row(params, prompt=[1, 2, 3], output=[3, 9], seed=s) for s in (1, 2, 3)]
+    first = Sampler()(logits, rows)
+    assert all(0 <= t < 64 for t in first.token_ids)
+    assert Sampler()(logits, rows).token_ids == first.token_ids  # still a function of (seed, position)
