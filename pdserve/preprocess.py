@@ -9,6 +9,7 @@ a repeated system prompt or conversation is not templated and tokenized again.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import pathlib
@@ -16,6 +17,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+
+import xxhash
 
 from pdserve.errors import InvalidRequestError
 
@@ -33,32 +36,51 @@ class ChatMessage:
 
 
 class PreprocessCache:
-    """Token ids by (version, input); least recently used entries go first, stale ones on sight."""
+    """Token ids by (version, digest of the input); least recently used entries go first, stale ones
+    on sight or when they reach the head.
 
-    def __init__(self, max_entries: int = 4096, ttl_s: float = 600.0,
+    Bounded in entries and in tokens held. An entry keeps a 128-bit digest of its input, not the
+    input, and its token ids as 4-byte integers, not Python ints (36 bytes each): a soak of long
+    chat prompts had grown a worker's memory by hundreds of MiB through this cache.
+    """
+
+    def __init__(self, max_entries: int = 4096, ttl_s: float = 600.0, max_tokens: int = 4_000_000,
                  now: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
+        self.max_tokens = max_tokens
         self.ttl_s = ttl_s
         self._now = now
-        self._entries: OrderedDict[Hashable, tuple[float, tuple[int, ...]]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[float, array.array]] = OrderedDict()
+        self._num_tokens = 0
         self.num_hits = 0
         self.num_misses = 0
 
     def get(self, key: Hashable) -> list[int] | None:
         entry = self._entries.get(key)
         if entry is None or self._now() - entry[0] > self.ttl_s:
-            self._entries.pop(key, None)
+            self._drop(key)
             self.num_misses += 1
             return None
         self._entries.move_to_end(key)
         self.num_hits += 1
-        return list(entry[1])
+        return entry[1].tolist()
 
     def put(self, key: Hashable, token_ids: list[int]) -> None:
-        self._entries[key] = (self._now(), tuple(token_ids))
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._drop(key)
+        self._entries[key] = (self._now(), array.array("I", token_ids))
+        self._num_tokens += len(token_ids)
+        now = self._now()
+        while self._entries and (len(self._entries) > self.max_entries or self._num_tokens > self.max_tokens
+                                 or now - next(iter(self._entries.values()))[0] > self.ttl_s):
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._num_tokens -= len(entry[1])
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     @property
     def hit_rate(self) -> float:
@@ -117,7 +139,7 @@ class Preprocessor:
             if not prompt_token_ids:
                 raise InvalidRequestError("prompt_token_ids", "is empty", request_id=request_id)
             return list(prompt_token_ids)
-        key = (self.version, "messages", tuple(messages)) if messages is not None else (self.version, "prompt", prompt)
+        key = (self.version, _digest(messages if messages is not None else prompt))
         ids = self.cache.get(key)
         if ids is None:
             if messages is not None:
@@ -161,3 +183,19 @@ class Preprocessor:
                                       request_id=request_id)
         if "\ud800" <= max(text, default="\0") and any("\ud800" <= c <= "\udfff" for c in text):
             raise InvalidRequestError(field, "is not valid UTF-8 (lone surrogate)", request_id=request_id)
+
+
+def _digest(value: str | Sequence[ChatMessage]) -> bytes:
+    """A 128-bit digest of a prompt or of a message list (unambiguous: lengths are hashed too)."""
+    h = xxhash.xxh3_128()
+    if isinstance(value, str):
+        h.update(b"p")
+        h.update(value.encode("utf-8", "surrogatepass"))
+        return h.digest()
+    h.update(b"m")
+    for m in value:
+        for part in (m.role, m.content):
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.digest()

@@ -62,6 +62,25 @@ def test_cache_entries_expire_and_are_bounded():
     assert cache.get("b") is None
 
 
+def test_cache_is_bounded_in_tokens_and_keys_by_a_digest_of_the_input(tokenizer):
+    cache = PreprocessCache(max_tokens=10)
+    cache.put("a", list(range(6)))
+    cache.put("b", list(range(4)))
+    assert len(cache) == 2 and cache.get("a") == list(range(6))
+    cache.put("c", [7, 8])  # 12 tokens held: the least recently used ("b") goes
+    assert cache.get("b") is None and cache.get("a") == list(range(6)) and cache.get("c") == [7, 8]
+    pre = Preprocessor(tokenizer, "1", PreprocessCache())
+    chat = [ChatMessage("user", "hi"), ChatMessage("assistant", "yo")]
+    first = pre(messages=chat)
+    assert pre(messages=[ChatMessage("user", "hi"), ChatMessage("assistant", "yo")]) == first
+    assert pre.cache.num_hits == 1
+    # The same characters split differently between fields are another input.
+    pre(messages=[ChatMessage("user", "hiassistant"), ChatMessage("user", "yo")])
+    assert pre.cache.num_hits == 1
+    key, (_, stored) = next(iter(pre.cache._entries.items()))
+    assert len(key[1]) == 16 and stored.itemsize == 4  # a digest, and 4 bytes per token id
+
+
 def test_preprocess_config_sets_template_limits_and_a_content_derived_version(tokenizer, tmp_path):
     import json
 
