@@ -2,7 +2,8 @@
 
 `on_kv` is called on the engine thread as each layer's KV is computed, every
 layer in order for one token range at a time (a cached prefix, then each compute
-step); tokens the receiver said it holds (`num_skipped_tokens`) are left out. A range longer than one chunk holds is cut into chunks of at most
+step); tokens the receiver said it holds (`num_skipped_tokens`) are left out.
+A range longer than one chunk holds is cut into chunks of at most
 max_chunk_bytes, one layer each; a shorter one is sent for several consecutive
 layers in one chunk, as many as fit (always ending a chunk at the last layer):
 fewer, larger messages cost less per byte on both sides. Chunks are numbered
