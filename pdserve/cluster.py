@@ -131,7 +131,9 @@ class LocalCluster:
 
     def start(self, timeout: float = 180.0) -> LocalCluster:
         spec = self.spec
-        self._log = open(spec.log_path, "a") if spec.log_path else subprocess.DEVNULL
+        # Without a log path the daemons' stderr still goes somewhere readable: a worker that
+        # dies says why in the error or in the warning stop() prints.
+        self._log = open(spec.log_path, "a+") if spec.log_path else tempfile.TemporaryFile("a+")
         if spec.tls:
             from pdserve.server.tls import make_local_pki
 
@@ -152,10 +154,22 @@ class LocalCluster:
             for w in self.workers:
                 w.wait_ready(timeout)
             self.wait_registered(len(self.workers), timeout=30)
+        except FatalError as exc:
+            tail = self.log_tail()
+            self.stop()
+            raise FatalError(f"{exc}; the daemons' stderr ends with:\n{tail}") from None
         except BaseException:
             self.stop()
             raise
         return self
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of what the daemons wrote to stderr."""
+        if self._log is None:
+            return ""
+        fd = self._log.fileno()
+        size = os.fstat(fd).st_size
+        return os.pread(fd, chars, max(0, size - chars)).decode(errors="replace")
 
     def _worker(self, index: int, role: str, num_workers: int) -> Child:
         spec = self.spec
@@ -202,7 +216,16 @@ class LocalCluster:
         raise FatalError(f"fewer than {count} workers registered within {timeout:.0f} s")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """The workers first, all at once, so that each tells the router it drains; the router last."""
+        """The workers first, all at once, so that each tells the router it drains; the router last.
+
+        A daemon that ended by itself other than cleanly or by SIGKILL/SIGTERM (a crash, a fatal
+        signal, an engine thread that died) gets a warning on stderr with the log's tail.
+        """
+        crashed = [c for c in ([self.router] if self.router else []) + self.workers
+                   if c.process is not None and c.process.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)]
+        if crashed:
+            print(f"pdserve LocalCluster: {', '.join(f'{c.role} exited with {c.process.returncode}' for c in crashed)};"
+                  f" the daemons' stderr ends with:\n{self.log_tail()}", file=sys.stderr)
         for child in self.workers:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -210,8 +233,9 @@ class LocalCluster:
             child.stop(grace_s)
         if self.router is not None:
             self.router.stop(grace_s)
-        if self._log not in (None, subprocess.DEVNULL):
+        if self._log is not None:
             self._log.close()
+            self._log = None
         if self._pki_dir is not None:
             self._pki_dir.cleanup()
             self._pki_dir = None

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from pdserve.client import Client
-from pdserve.cluster import Child
-from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.cluster import Child, ClusterSpec, LocalCluster
+from pdserve.errors import FatalError, InvalidRequestError, PdserveError
 from tests.cluster_helpers import generate_via, start_worker
 from tests.engine_helpers import random_prompts
 
@@ -102,3 +102,13 @@ def test_invalid_field_through_decode_service(decode):
         with pytest.raises(InvalidRequestError) as err:
             client.complete(prompt_token_ids=SHORT, top_p=2.0)
     assert err.value.field == "top_p"
+
+
+def test_a_worker_that_cannot_start_fails_the_cluster_with_its_stderr(tmp_path):
+    missing = tmp_path / "no-such-model"
+    spec = ClusterSpec(num_prefill=1, num_decode=0, model=str(missing), kv_cache_gib=0.05)
+    with pytest.raises(FatalError) as failed:
+        LocalCluster(spec).start(timeout=60)
+    message = str(failed.value)
+    assert "prefill exited with code" in message
+    assert str(missing) in message.split("stderr ends with:", 1)[1]  # the worker's own words
