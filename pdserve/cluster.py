@@ -6,13 +6,13 @@ Used by `pdserve up`, `make run`, the benchmarks and the end-to-end tests.
 2. every child prints a JSON ready line with its bound address (port 0 picks a free
    one); the cluster waits for all of them and for every worker to be registered
    and healthy at the router;
-3. children die with the parent (PR_SET_PDEATHSIG), and stop() sends SIGTERM,
-   then SIGKILL after a grace period: no orphans.
+3. children die with the parent (they set PR_SET_PDEATHSIG themselves, told its pid in
+   PDSERVE_PARENT_PID: server/daemon.py), and stop() sends SIGTERM, then SIGKILL after a
+   grace period: no orphans.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -25,14 +25,8 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import FatalError
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: stop() still cleans up
-        pass
+# Each child is told the launcher's pid, to end with it (server/daemon.py die_with_parent).
+PARENT_PID_ENV = "PDSERVE_PARENT_PID"
 
 
 @dataclass
@@ -47,8 +41,8 @@ class Child:
 
     def start(self, log_file) -> None:
         cmd = [sys.executable, "-m", f"pdserve.server.{self.role}", *self.args]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
-                                        env=self.env, preexec_fn=_die_with_parent)
+        env = {**(self.env if self.env is not None else os.environ), PARENT_PID_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
 
     def wait_ready(self, timeout: float) -> str:
         """Read stdout until the ready line; the address it names."""

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import faulthandler
 import json
 import logging
@@ -26,12 +28,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.allocator import tune_malloc
+from pdserve.cluster import PARENT_PID_ENV
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.server.malformed import MalformedRequestInterceptor
 from pdserve.server.tls import TlsFiles
 
 log = logging.getLogger("pdserve")
+
+_PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 # KV chunks are at most a few MiB; requests may carry long prompts.
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -202,9 +207,28 @@ class Daemon:
         log.info("%s stopped after %.1f s", self.role, time.monotonic() - started)
 
 
+def die_with_parent() -> None:
+    """SIGTERM this daemon when the launcher named in PDSERVE_PARENT_PID ends (Linux; LocalCluster sets it).
+
+    Set here rather than in a preexec_fn: code that runs between fork and exec in a launcher
+    with threads (pytest, the benchmarks) can deadlock or abort there, e.g. in the dlopen a
+    ctypes call makes while a thread the fork did not copy held the loader's lock.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it ended before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(main: Callable[[], Awaitable[int | None]]) -> None:
     """Run a daemon's async main on uvloop (asyncio where uvloop is missing), malloc tuned; a non-zero
     result is the process's exit status."""
+    die_with_parent()
     tune_malloc()
     try:
         import uvloop

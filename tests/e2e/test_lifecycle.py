@@ -4,6 +4,8 @@ requests, SIGTERM drain."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -112,3 +114,29 @@ def test_a_worker_that_cannot_start_fails_the_cluster_with_its_stderr(tmp_path):
     message = str(failed.value)
     assert "prefill exited with code" in message
     assert str(missing) in message.split("stderr ends with:", 1)[1]  # the worker's own words
+
+
+def _ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_daemons_end_with_the_process_that_launched_them():
+    launcher_code = ("import subprocess, time\nfrom pdserve.cluster import Child\n"
+                     "child = Child('router', ['--listen', '127.0.0.1:0'])\nchild.start(subprocess.DEVNULL)\n"
+                     "child.wait_ready(60)\nprint(child.process.pid, flush=True)\ntime.sleep(120)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], stdout=subprocess.PIPE, text=True)
+    try:
+        daemon = int(launcher.stdout.readline())
+        assert not _ended(daemon)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 15
+    while not _ended(daemon) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(daemon), "the router outlived its launcher"
