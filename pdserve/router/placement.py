@@ -107,6 +107,11 @@ class Placer:
         self.affinity_slack = affinity_slack  # < 0: prefixes are ignored
         self.prefixes = PrefixIndex()
 
+    @property
+    def uses_prefixes(self) -> bool:
+        """False: prefixes are ignored, so callers need not compute a request's keys."""
+        return self.affinity_slack >= 0
+
     def place(
         self, num_prompt_tokens_estimate: int, *, exclude_decode: Set[str] = frozenset(),
         version: str | None = None, prefix_keys: Sequence[int] = (),
@@ -127,7 +132,7 @@ class Placer:
         ]
         if not decodes:
             raise UnavailableError("no healthy decode worker" + (f" of version {version!r}" if version else ""))
-        keys = prefix_keys if self.affinity_slack >= 0 else ()
+        keys = prefix_keys if self.uses_prefixes else ()
         decode, how = self._choose_decode(decodes, num_prompt_tokens_estimate, keys)
         prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate, version, keys)
         reason = _describe(decode, how, prefills, num_prompt_tokens_estimate)
@@ -135,6 +140,8 @@ class Placer:
 
     def placed(self, placement: Placement, prefix_keys: Sequence[int]) -> None:
         """The request goes to these workers: they will hold its prefix."""
+        if not self.uses_prefixes:
+            return
         for worker in [placement.decode, *placement.prefills[:1]]:
             self.prefixes.record(worker.worker_id, prefix_keys, worker.load.kv_num_total * worker.load.kv_block_size)
 

@@ -197,7 +197,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
                         version: str | None = None, watch: streams.Watch | None = None):
         rid = request.request_id
-        prefix_keys = block_keys(_prefix_bytes(request))
+        prefix_keys = block_keys(_prefix_bytes(request)) if self.placer.uses_prefixes else []
         excluded: set[str] = set()
         last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
         generated: list[int] = []  # token ids already streamed to the client

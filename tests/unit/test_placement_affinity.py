@@ -75,6 +75,9 @@ def test_slack_below_zero_places_by_load_alone():
     for i in range(1, 5):
         cluster.add(f"d{i}", Role.DECODE, decode_load(free=500, running=2))
     placer = cluster.placer(seed=5, affinity_slack=-1)
+    assert not placer.uses_prefixes  # the router then computes no keys
     keys = block_keys(turn(3))
-    placer.placed(placer.place(100, prefix_keys=keys), keys)
+    first = placer.place(100, prefix_keys=keys)
+    placer.placed(first, keys)
+    assert placer.prefixes.match(first.decode.worker_id, keys) == 0  # nothing recorded
     assert len({placer.place(100, prefix_keys=keys).decode.worker_id for _ in range(30)}) > 1
