@@ -131,8 +131,7 @@ async def serve_raw() -> None:
 
 def start_raw_server(log_file) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve-raw"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {PREFILL_CPU}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("{") and '"ready"' in line:
@@ -437,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_malloc()  # the raw server and the receiving end run with the daemons' malloc settings
 
     if args.serve_raw:
+        os.sched_setaffinity(0, {PREFILL_CPU})  # before any thread starts (not a preexec_fn: unsafe with threads)
         uvloop.run(serve_raw())
         return
     from pdserve.cluster import Child
