@@ -28,11 +28,9 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import sys
 import time
-import urllib.request
 
 from pdserve.client import AsyncClient
 from pdserve.cluster import Child, ClusterSpec, LocalCluster
@@ -46,8 +44,7 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def kv_bytes_sent(prefill: Child) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{prefill.metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(v) for v in re.findall(r"^pdserve_kv_transfer_bytes_total\{[^}]*\} (\S+)$", text, re.M))
+    return prefill.metric_sum("pdserve_kv_transfer_bytes_total")
 
 
 async def conversation(client: AsyncClient, rng: random.Random, turns: int, stats: dict) -> None:

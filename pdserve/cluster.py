@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 from pdserve.errors import FatalError
 
 # Each child is told the launcher's pid, to end with it (server/daemon.py die_with_parent).
 PARENT_PID_ENV = "PDSERVE_PARENT_PID"
+
+
+def file_tail(file, chars: int = 4000) -> str:
+    """The last chars bytes of an open file (a daemon's stderr), whatever its position."""
+    fd = file.fileno()
+    return os.pread(fd, chars, max(0, os.fstat(fd).st_size - chars)).decode(errors="replace")
 
 
 @dataclass
@@ -70,6 +78,13 @@ class Child:
     @property
     def metrics_port(self) -> int | None:
         return self.ready.get("metrics_port")
+
+    def metric_sum(self, name: str) -> float:
+        """The sum over all label sets of one Prometheus series on the child's /metrics (--metrics-port)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))
 
     def stop(self, grace_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -159,11 +174,7 @@ class LocalCluster:
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of what the daemons wrote to stderr."""
-        if self._log is None:
-            return ""
-        fd = self._log.fileno()
-        size = os.fstat(fd).st_size
-        return os.pread(fd, chars, max(0, size - chars)).decode(errors="replace")
+        return file_tail(self._log, chars) if self._log is not None else ""
 
     def _worker(self, index: int, role: str, num_workers: int) -> Child:
         spec = self.spec

@@ -67,9 +67,9 @@ class PreprocessCache:
 
     def put(self, key: Hashable, token_ids: list[int]) -> None:
         self._drop(key)
-        self._entries[key] = (self._now(), array.array("I", token_ids))
-        self._num_tokens += len(token_ids)
         now = self._now()
+        self._entries[key] = (now, array.array("I", token_ids))
+        self._num_tokens += len(token_ids)
         while self._entries and (len(self._entries) > self.max_entries or self._num_tokens > self.max_tokens
                                  or now - next(iter(self._entries.values()))[0] > self.ttl_s):
             self._drop(next(iter(self._entries)))

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import tempfile
 import time
-import urllib.request
 
 import grpc
 
 from pdserve.client import AsyncClient, Client
-from pdserve.cluster import Child
+from pdserve.cluster import Child, file_tail
 from pdserve.errors import FatalError
 from pdserve.status import error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -32,8 +30,7 @@ def start_worker(role: str, model: str, *extra: str, env: dict[str, str] | None 
         child.wait_ready(120)
     except FatalError as exc:  # say why: the end of what it wrote to stderr
         log.flush()
-        log.seek(0)
-        raise FatalError(f"{exc}; its stderr ends with:\n{log.read()[-4000:]}") from None
+        raise FatalError(f"{exc}; its stderr ends with:\n{file_tail(log)}") from None
     return child
 
 
@@ -95,8 +92,3 @@ def generate_via(decode_address: str, candidates: list[str], prompt: list[int], 
             raise error_from_status(exc.code(), exc.details()) from None
     return tokens, result
 
-
-def metric_sum(metrics_port: int, name: str) -> float:
-    """The sum over all label sets of one Prometheus series a worker exports."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))

@@ -165,8 +165,8 @@ def test_killed_decode_worker_is_dropped_and_avoided(tiny_dir):
     assert gone is not None and gone <= 3 * 0.3 + 0.5  # within 3 heartbeats (plus one poll)
 
 
-def _retries(metrics_port: int) -> float:
-    return cluster_helpers.metric_sum(metrics_port, "pdserve_kv_transfer_retries_total")
+def _retries(worker) -> float:
+    return worker.metric_sum("pdserve_kv_transfer_retries_total")
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +182,11 @@ def counted_decode(tiny_dir):
 def test_damaged_chunks_are_detected_retried_and_counted(tiny_dir, counted_decode, healthy_prefill, expected, fault):
     damaged = start_worker("prefill", tiny_dir, *SMALL_CHUNKS, env={"PDSERVE_FAULT": fault})
     try:
-        before = _retries(counted_decode.metrics_port)
+        before = _retries(counted_decode)
         tokens, result = generate_via(counted_decode.address, [damaged.address, healthy_prefill.address])
         assert tokens == expected  # never garbage with status OK
         assert result.num_prefill_attempts == 2 and result.prefill_worker_id == "p1"
-        assert _retries(counted_decode.metrics_port) == before + 1
+        assert _retries(counted_decode) == before + 1
         assert wait_kv_free(counted_decode.address, "decode") == 0
         assert wait_kv_free(damaged.address, "prefill", timeout=3.0) == 0
     finally:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from tests.cluster_helpers import generate_via, metric_sum, start_worker, wait_kv_free
+from tests.cluster_helpers import generate_via, start_worker, wait_kv_free
 from tests.engine_helpers import hf_greedy, random_prompts
 
 FIRST, OTHER = random_prompts([40, 6], seed=21)
@@ -29,7 +29,7 @@ def oracle(tiny_oracles):
 
 
 def sent_bytes(prefill) -> float:
-    return metric_sum(prefill.metrics_port, "pdserve_kv_transfer_bytes_total")
+    return prefill.metric_sum("pdserve_kv_transfer_bytes_total")
 
 
 def test_a_cached_prefix_is_not_sent_again(tiny_dir, prefill, oracle):
