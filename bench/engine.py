@@ -81,7 +81,7 @@ import torch
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.model_loader import LoadedModel, load_model
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence
 
 DEFAULT_ROWS = (

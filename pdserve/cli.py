@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pdserve.engine.config import CacheConfig, EngineConfig
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.engine_loop import EngineLoop
-    from pdserve.engine.sampling import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.preprocess import ChatMessage, Preprocessor
 
     if args.threads:

@@ -28,7 +28,8 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.model_runner import ScheduledSeq
 from pdserve.engine.outputs import OutputProcessor, RequestOutput
-from pdserve.engine.sampling import SampleOutput, SamplingParams
+from pdserve.engine.sampling import SampleOutput
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError

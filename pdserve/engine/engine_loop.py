@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.models.llama import LayerHook
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import FatalError
 
 log = logging.getLogger(__name__)

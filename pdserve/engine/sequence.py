@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -30,7 +30,7 @@ import grpc
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import (CapacityError, DeadlineError, IncompatibleError, InvalidRequestError, KVTransferError,
                             PdserveError, UnavailableError)
 from pdserve.kv_transfer.receiver import KVReceiver

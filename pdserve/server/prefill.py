@@ -26,7 +26,7 @@ import grpc
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import FatalError, InvalidRequestError, PdserveError
 from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.sender import KVChunkData, KVSender

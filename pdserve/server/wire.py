@@ -9,7 +9,8 @@ from google.protobuf.message import DecodeError
 
 from pdserve.engine.model_loader import Fingerprint, ModelSpec
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer.protocol import KVGeometry, payload_checksum
 from pdserve.kv_transfer.receiver import KVHeaderData

@@ -10,7 +10,7 @@ import torch
 
 from pdserve.client import Client
 from pdserve.cluster import ClusterSpec, LocalCluster
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.preprocess import ChatMessage, Preprocessor
 from tests.cluster_helpers import E2E_LOG
 from tests.engine_helpers import hf_greedy, make_engine, run_to_completion, tokens_of

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from pdserve.engine.block_pool import BlockPool, chain_hash
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import CapacityError, InvalidRequestError
 from tests.engine_helpers import hf_greedy, make_engine, random_prompts, run_to_completion, tokens_of
 from tests.factories import ARCHS

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import FatalError
 from tests.engine_helpers import make_engine
 

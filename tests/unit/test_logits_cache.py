@@ -8,7 +8,7 @@ import torch
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.logits_cache import PromptLogitsCache
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from tests.engine_helpers import hf_greedy, random_prompts, run_to_completion, tokens_of
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 from tests.engine_helpers import make_engine
 
 

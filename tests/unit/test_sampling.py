@@ -1,4 +1,4 @@
-"""Unit tests of pdserve.engine.sampling: parameter validation and the sampler."""
+"""Unit tests of pdserve.engine.sampling_params (parameter validation) and pdserve.engine.sampling (the sampler)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from pdserve.engine import sampling
-from pdserve.engine.sampling import (
-    MAX_LOGPROBS,
-    MAX_STOP_STRING_CHARS,
-    MAX_STOP_STRINGS,
-    Sampler,
-    SamplingParams,
-    SamplingRow,
-    apply_penalties,
-    draw_uniforms,
-)
+from pdserve.engine.sampling import Sampler, SamplingRow, apply_penalties, draw_uniforms
+from pdserve.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 from pdserve.errors import InvalidRequestError
 
 VOCAB_SIZE = 1000
