@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default) | float32 | float16")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float32 | float16; default bfloat16, float32 on a CPU without native bf16")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 

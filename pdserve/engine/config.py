@@ -58,7 +58,7 @@ class EngineConfig:
 
     # A Hugging Face model directory or a GGUF file; None: the default SmolLM2.
     model: str | None = None
-    # "bfloat16" | "float32" | "float16"; None: bfloat16.
+    # "bfloat16" | "float32" | "float16"; None: bfloat16, or float32 on a CPU without native bf16.
     dtype: str | None = None
     device: str = "cpu"
     # Longest sequence (prompt + output); None: the model's max_position_embeddings.

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from pdserve.engine.gguf_cache import GgufCacheEntry, shape_problem
 from pdserve.engine.gguf_cache import cache_dir as cache_dir  # re-exported: callers import it from here
+from pdserve.engine.host import default_cpu_dtype
 from pdserve.errors import IncompatibleError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -115,10 +116,10 @@ class LoadedModel:
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     """The torch dtype for a user-facing name; None picks the default for `device`."""
-    # `device` is in the signature so a device can get its own default; today all agree.
     if name is None:
-        # bf16 everywhere: half the memory of fp32, and fp32's range, so no fp16-style overflow.
-        return torch.bfloat16
+        # bf16: half the memory of fp32, and fp32's range, so no fp16-style overflow; on a CPU
+        # without native bf16 GEMMs it is emulated and several times slower, so fp32 there.
+        return torch.bfloat16 if device != "cpu" else default_cpu_dtype()
     dtype = _DTYPE_ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
     if dtype is None:
         raise InvalidRequestError("dtype", f"unsupported dtype {name!r}; choose one of {sorted(_DTYPE_ALIASES)}")

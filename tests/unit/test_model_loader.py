@@ -12,11 +12,13 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
 from pdserve.engine import gguf_cache, model_loader
+from pdserve.engine.host import default_cpu_dtype
 from pdserve.engine.model_loader import (
     Fingerprint,
     ModelSpec,
     cache_dir,
     default_model_path,
+    dtype_name,
     load_model,
     resolve_dtype,
     weight_shapes,
@@ -75,13 +77,25 @@ def test_weight_shapes_match_transformers_parameters(arch: str, tied: bool) -> N
     assert weight_shapes(spec) == parameter_shapes(config)
 
 
-def test_default_dtype_is_bfloat16_and_global_dtype_untouched(tmp_path: pathlib.Path) -> None:
+def test_default_dtype_follows_the_host_and_global_dtype_untouched(tmp_path: pathlib.Path) -> None:
     before = torch.get_default_dtype()
     model = load_model(str(save_tiny_model_dir(tmp_path)))
     assert torch.get_default_dtype() == before
-    assert model.fingerprint.dtype == "bfloat16"
+    expected = default_cpu_dtype()
+    assert model.fingerprint.dtype == dtype_name(expected)
     for name, tensor in tiny_weights(tiny_config()).items():
-        assert torch.equal(model.weights[name], tensor.to(torch.bfloat16)), name
+        assert torch.equal(model.weights[name], tensor.to(expected)), name
+
+
+def test_default_cpu_dtype_is_bfloat16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(model_loader, "default_cpu_dtype", lambda native=native: host_default(native))
+        assert resolve_dtype(None, "cpu") == expected
+    assert resolve_dtype(None, "cuda") == torch.bfloat16
+
+
+def host_default(native: bool) -> torch.dtype:
+    return torch.bfloat16 if native else torch.float32
 
 
 def test_tied_embeddings_drop_a_stored_lm_head_copy(tmp_path: pathlib.Path) -> None:
@@ -168,7 +182,7 @@ def test_directory_without_config_and_non_gguf_file_are_invalid(tmp_path: pathli
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [(None, torch.bfloat16), ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", torch.float32),
+    [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", torch.float32),
      ("float32", torch.float32), ("fp16", torch.float16), ("float16", torch.float16)],
 )
 def test_resolve_dtype_accepts_names_and_aliases(name: str | None, expected: torch.dtype) -> None:
@@ -330,7 +344,7 @@ def test_smollm2_weights_equal_transformers_dequantized() -> None:
     assert fp32.weights.keys() == oracle.keys()
     for name, tensor in oracle.items():
         assert torch.equal(fp32.weights[name], tensor), name
-    bf16 = load_model()
+    bf16 = load_model(dtype="bfloat16")
     for name, tensor in oracle.items():
         assert torch.equal(bf16.weights[name], tensor.to(torch.bfloat16)), name
     assert bf16.spec.architecture == "llama" and bf16.spec.tie_word_embeddings
@@ -346,7 +360,7 @@ def test_smollm2_second_load_is_served_from_cache(tmp_cache: pathlib.Path, monke
     first = load_model()
     digest = first.fingerprint.weights_digest
     assert len(digest) == 32
-    assert (tmp_cache / "weights" / f"{digest}-bfloat16.safetensors").is_file()
+    assert (tmp_cache / "weights" / f"{digest}-{first.fingerprint.dtype}.safetensors").is_file()
     assert (tmp_cache / "weights" / digest / "config.json").is_file()
     assert not [p for p in (tmp_cache / "weights").iterdir() if p.name.startswith(".")]  # no temp leftovers
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.host import cpu_has_fast_bf16
 from pdserve.errors import IncompatibleError
 
 
-def _onednn_available() -> bool:
-    ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+def _onednn_bf16_prepack_available() -> bool:
+    return cpu_has_fast_bf16() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 class Linear:
@@ -26,7 +26,7 @@ class Linear:
         self.weight = weight
         self.bias = bias
         self.packed: torch.Tensor | None = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_available():
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_bf16_prepack_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, prepack_batch)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
