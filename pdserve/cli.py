@@ -21,6 +21,8 @@ EXIT_USAGE = 2
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 | float16; default bfloat16, float32 on a CPU without native bf16")
+    p.add_argument("--quantization", choices=("int4", "int8"), default=None,
+                   help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -48,6 +50,8 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--port", type=int, default=port, help="router port on 127.0.0.1 (0: any free one)")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", choices=("int4", "int8"), default=None,
+                   help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
     p.add_argument("--log", default=None, help="append the daemons' logs to this file")
@@ -64,8 +68,8 @@ def cluster_spec(args: argparse.Namespace):
     if args.prefill < 0 or args.decode < 1:
         raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
-                       device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls)
+                       quantization=args.quantization, device=args.device, router_listen=f"127.0.0.1:{args.port}",
+                       kv_cache_gib=args.kv_cache_gib, log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                           cache=CacheConfig(kv_cache_gib=args.kv_cache_gib))
     engine = LLMEngine(config)
     pre = Preprocessor(engine.tokenizer)

@@ -103,6 +103,7 @@ class ClusterSpec:
     num_decode: int = 1
     model: str | None = None
     dtype: str | None = None
+    quantization: str | None = None  # "int4" | "int8": every worker's weight-only quantization
     device: str = "cpu"
     router_listen: str = "127.0.0.1:0"
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0: any free port)
@@ -188,6 +189,8 @@ class LocalCluster:
             args += ["--model", spec.model]
         if spec.dtype:
             args += ["--dtype", spec.dtype]
+        if spec.quantization:
+            args += ["--quantization", spec.quantization]
         args += spec.extra_args.get(role, []) + spec.worker_args.get(index, [])
         env = dict(os.environ, **spec.worker_env[index]) if index in spec.worker_env else None
         return Child(role, args, env)

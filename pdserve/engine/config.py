@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import InvalidRequestError
 
+# Weight-only quantizations (engine/quantization.py implements them).
+QUANTIZATIONS = ("int4", "int8")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -61,6 +64,9 @@ class EngineConfig:
     # "bfloat16" | "float32" | "float16"; None: bfloat16, or float32 on a CPU without native bf16.
     dtype: str | None = None
     device: str = "cpu"
+    # Weight-only quantization: "int4" | "int8" decoder linears, with an int8 LM head; None: dense.
+    # CPU only for now (torch's CUDA int4/int8 matmuls take other packed layouts; not wired up).
+    quantization: str | None = None
     # Longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -69,5 +75,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise InvalidRequestError("device", f"must be cpu or cuda, got {self.device!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise InvalidRequestError("quantization",
+                                      f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.quantization is not None and self.device.split(":")[0] != "cpu":
+            raise InvalidRequestError("quantization", f"{self.quantization} runs on the CPU only, not on {self.device}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {self.max_model_len}")

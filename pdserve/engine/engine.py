@@ -53,7 +53,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         self.config = config
         if model is None:
-            model = load_model(config.model, dtype=config.dtype, device=config.device)
+            model = load_model(config.model, dtype=config.dtype, device=config.device,
+                               quantization=config.quantization)
         self.loaded = model
         spec = model.spec
         self.spec = spec

@@ -1,10 +1,10 @@
 """The KV cache tensors: one K and one V tensor per layer, paged in blocks.
 
-Layout per layer: [num_kv_heads, num_blocks * block_size, head_dim], head-major,
-so gathering a batch's blocks is one `index_select` on dim 0 of a
-[num_kv_heads * num_blocks, block_size, head_dim] view that yields the
-[num_kv_heads * batch, context, head_dim] operand attention multiplies with,
-without a transpose copy. A token's slot is block_id * block_size + offset.
+Layout per layer: [num_kv_heads, num_blocks * block_size, head_dim], head-major:
+each block of a head is block_size contiguous rows, which the compiled attention
+op reads in place, and gathering blocks (the PyTorch path, export) is one
+`index_select` on dim 0 of a [num_kv_heads * num_blocks, block_size, head_dim]
+view. A token's slot is block_id * block_size + offset.
 One block past the pool's (`scratch_slot`) takes writes that must not land:
 the recomputed last token of a prompt found whole in the prefix cache, whose
 shared block already holds its KV and stays immutable.
@@ -39,10 +39,6 @@ class KVCache:
         # Zeroed, not empty: padding slots are read (then masked) and must not hold NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        # Reused gather outputs: copying into warm memory is several times faster than
-        # into freshly allocated pages. Grown on demand; valid until the next gather.
-        self._gather_k = torch.empty(0, block_size, head_dim, dtype=dtype, device=device)
-        self._gather_v = torch.empty(0, block_size, head_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -59,29 +55,9 @@ class KVCache:
         self.v[layer].index_copy_(1, slots, v.to(self.dtype))
 
     def gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
-        """Rows to gather for a batch: [Hkv * B * max_blocks], shared by every layer.
-
-        block_tables: [B, max_blocks] (padded with any valid block id; callers mask).
-        """
+        """Rows of `_block_rows` holding a batch's blocks: [Hkv * B * max_blocks]. block_tables: [B, max_blocks]."""
         heads = torch.arange(self.num_kv_heads, device=block_tables.device) * self._blocks_per_head
         return (heads.view(-1, 1, 1) + block_tables.unsqueeze(0)).reshape(-1)
-
-    def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of a batch's blocks as [Hkv * B, max_blocks * block_size, D].
-
-        The result is a view of a buffer that the next gather overwrites.
-        """
-        n = index.numel()
-        if self._gather_k.shape[0] < n:
-            # A normal tensor even when first needed inside inference mode: exports write it outside.
-            with torch.inference_mode(False):
-                self._gather_k = torch.empty(n, self.block_size, self.head_dim, dtype=self.dtype,
-                                             device=index.device)
-                self._gather_v = torch.empty_like(self._gather_k)
-        k = torch.index_select(self._block_rows(self.k[layer]), 0, index, out=self._gather_k[:n])
-        v = torch.index_select(self._block_rows(self.v[layer]), 0, index, out=self._gather_v[:n])
-        shape = (self.num_kv_heads * batch, -1, self.head_dim)
-        return k.view(shape), v.view(shape)
 
     def slot_ids(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Slots of token positions [start, end) of a sequence, as plain ints (cheap for one token)."""
@@ -95,7 +71,7 @@ class KVCache:
     def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [start, end) as [Hkv, T, D], for export.
 
-        Views of new tensors (not of the cache, nor of the reused gather buffers), each
+        Views of new tensors (not of the cache), each
         head's [T, D] rows contiguous: one block-granular copy out of the cache.
         """
         bs = self.block_size

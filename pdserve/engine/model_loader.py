@@ -4,7 +4,9 @@ Owns: turning a Hugging Face model directory or a GGUF file into a `LoadedModel`
 (weights under their HF names, a `ModelSpec`, the tokenizer, and the `Fingerprint`
 that prefill and decode workers compare before they exchange KV); deciding which
 architectures pdserve implements. A GGUF is dequantized, and its weights cached
-under `cache_dir()/weights/`, by `gguf_cache`.
+under `cache_dir()/weights/`, by `gguf_cache`. With a quantization the decoder
+linears are quantized at load (`quantization.quantize_weights`); from a GGUF they,
+and the LM head, are the file's own blocks where it stores them in the kind asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from safetensors import SafetensorError, safe_open
 from pdserve.engine.gguf_cache import GgufCacheEntry, shape_problem
 from pdserve.engine.gguf_cache import cache_dir as cache_dir  # re-exported: callers import it from here
 from pdserve.engine.host import default_cpu_dtype
+from pdserve.engine.quantization import (
+    LAYER_LINEAR_SUFFIXES,
+    QUANTIZATION_VERSION,
+    QuantizedWeight,
+    dequantize,
+    quantize_weights,
+    select_rows,
+    validate_quantization,
+)
 from pdserve.errors import IncompatibleError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -86,7 +97,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What two workers must agree on to share KV: architecture, dtype and the exact weights."""
+    """What two workers must agree on to share KV: architecture, dtype and the exact weights.
+
+    A quantized model runs other weights than its source: its weights_digest is the
+    source's digest combined with the quantization, so it differs from the dense model's
+    (and between int4 and int8) wherever the fingerprint travels, the wire included.
+    """
 
     architecture: str
     dtype: str  # "bfloat16" | "float32" | "float16"
@@ -108,7 +124,9 @@ class LoadedModel:
 
     hf_config: PretrainedConfig  # kept for rope parameters and for building the oracle
     spec: ModelSpec
-    weights: dict[str, torch.Tensor]  # HF names; "lm_head.weight" only when untied
+    # HF names; "lm_head.weight" only when untied, or when quantized (an int8 copy of a tied
+    # embedding). Quantized: the decoder linears are Int4Weight / Int8Weight (quantization.py).
+    weights: dict[str, torch.Tensor | QuantizedWeight]
     tokenizer: PreTrainedTokenizerBase
     fingerprint: Fingerprint
     source: str  # the directory or GGUF file it came from
@@ -147,25 +165,31 @@ def default_model_path() -> str:
 
 
 def load_model(
-    path: str | None = None, *, dtype: str | torch.dtype | None = None, device: str = "cpu"
+    path: str | None = None, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model directory or a GGUF file (None: the default SmolLM2).
 
+    quantization: None, "int4" or "int8" (weight-only, CPU only; see quantization.py).
     Fingerprint digests: a GGUF is identified by its file's sha256; a directory by
-    config.json, each safetensors file's name, size and header, and samples of its data.
+    config.json, each safetensors file's name, size and header, and samples of its data;
+    a quantized model by that digest combined with the quantization.
     """
     torch_device = _resolve_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device.type)
     dtype_name(torch_dtype)  # rejects a torch.dtype we do not serve, such as int8
+    quantization = validate_quantization(quantization)
+    if quantization is not None and torch_device.type != "cpu":
+        raise InvalidRequestError("quantization", f"{quantization} runs on the CPU only, not on {device}")
     if path is not None and not str(path).strip():
         raise InvalidRequestError("model", "the model path is empty")
     source = pathlib.Path(path if path is not None else default_model_path()).expanduser()
     if not source.exists():
         raise NotFoundError(f"model path {str(source)!r} does not exist")
     if source.is_dir():
-        return _load_hf_dir(source, torch_dtype, torch_device)
+        return _load_hf_dir(source, torch_dtype, torch_device, quantization)
     if _is_gguf(source):
-        return _load_gguf(source, torch_dtype, torch_device)
+        return _load_gguf(source, torch_dtype, torch_device, quantization)
     raise InvalidRequestError("model", f"{source} is neither a model directory nor a GGUF file")
 
 
@@ -233,7 +257,9 @@ def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 # Hugging Face directories
 
 
-def _load_hf_dir(directory: pathlib.Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf_dir(
+    directory: pathlib.Path, dtype: torch.dtype, device: torch.device, quantization: str | None
+) -> LoadedModel:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise InvalidRequestError("model", f"{directory} is a directory without config.json")
@@ -248,7 +274,10 @@ def _load_hf_dir(directory: pathlib.Path, dtype: torch.dtype, device: torch.devi
     spec = spec_from_config(config, tokenizer, _as_ids(extra_eos))
     files = _safetensors_files(directory)
     weights = _read_safetensors(files, weight_shapes(spec), dtype, device)
-    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), _hf_dir_digest(config_path, files))
+    if quantization is not None:
+        weights = quantize_weights(weights, quantization, dtype)
+    digest = _quantized_digest(_hf_dir_digest(config_path, files), quantization)
+    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), digest)
     return LoadedModel(config, spec, weights, tokenizer, fingerprint, str(directory))
 
 
@@ -318,7 +347,7 @@ def _update_with_samples(digest: Any, handle: Any, start: int, end: int) -> None
 # GGUF files (dequantized and cached by gguf_cache)
 
 
-def _load_gguf(path: pathlib.Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(path: pathlib.Path, dtype: torch.dtype, device: torch.device, quantization: str | None) -> LoadedModel:
     started = time.monotonic()
     entry = GgufCacheEntry.of(path)
     cached = entry.read_meta(_config_and_tokenizer)
@@ -326,10 +355,46 @@ def _load_gguf(path: pathlib.Path, dtype: torch.dtype, device: torch.device) -> 
     spec = spec_from_config(config, tokenizer)  # refuses before anything is written to the cache
     if cached is None:
         entry.save_meta(config, tokenizer)
-    weights = {name: tensor.to(device) for name, tensor in entry.weights(dtype, weight_shapes(spec)).items()}
-    logger.info("loaded %s in %.1f s", path, time.monotonic() - started)
-    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), entry.digest)
+    shapes = weight_shapes(spec)
+    weights = {name: tensor.to(device) for name, tensor in entry.weights(dtype, shapes).items()}
+    if quantization is not None:
+        stored = entry.quantized_weights(spec.num_heads, spec.num_kv_heads, shapes, dtype)
+        weights = quantize_weights(weights, quantization, dtype, _checked_blocks(stored, weights))
+    logger.info("loaded %s%s in %.1f s", path, f" ({quantization})" if quantization else "", time.monotonic() - started)
+    fingerprint = Fingerprint(spec.architecture, dtype_name(dtype), _quantized_digest(entry.digest, quantization))
     return LoadedModel(config, spec, weights, tokenizer, fingerprint, str(path))
+
+
+def _checked_blocks(
+    from_file: dict[str, QuantizedWeight], dense: dict[str, torch.Tensor]
+) -> dict[str, QuantizedWeight]:
+    """`from_file`, once the first layer's and the head's blocks are seen to equal the dequantized weights.
+
+    Guards the GGUF name mapping and q/k row order against a file laid out unlike the ones
+    we know: on a mismatch every weight is quantized from the dense weights instead.
+    """
+    checked = [f"model.layers.0.{suffix}" for suffix in LAYER_LINEAR_SUFFIXES] + ["lm_head.weight"]
+    for name in checked:
+        if name not in from_file:
+            continue
+        rows = torch.arange(min(from_file[name].shape[0], 256))  # enough to catch a wrong layout, and fast
+        expected = dense.get(name, dense["model.embed_tokens.weight"])[rows]  # a tied head is the embedding
+        got = dequantize(select_rows(from_file[name], rows)).to(expected.dtype)
+        error = (got.float() - expected.float()).abs().max().item()
+        # Both compute d * q + m in fp32 from the same fp16 d and m, so they agree to rounding; a
+        # wrong name or row order would differ by the size of the weights themselves.
+        if error > 1e-3 * expected.float().abs().max().item():
+            logger.warning("the GGUF's quantized %s differs from its dequantized weight by %.3g; "
+                           "quantizing from the dequantized weights instead", name, error)
+            return {}
+    return from_file
+
+
+def _quantized_digest(digest: str, quantization: str | None) -> str:
+    """A source's digest, or (quantized) the digest of it and the quantization."""
+    if quantization is None:
+        return digest
+    return hashlib.sha256(f"{digest}/{quantization}/v{QUANTIZATION_VERSION}".encode()).hexdigest()[:32]
 
 
 def _is_gguf(path: pathlib.Path) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.attention import AttentionMetadata, PrefillSpan
+from pdserve.engine.attention import AttentionBackend, AttentionMetadata
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.sampling import Sampler, SampleOutput, SamplingRow
@@ -36,6 +36,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.sampler = Sampler()
+        self.attention = AttentionBackend(kv_cache)
 
     def execute(
         self, scheduled: list[ScheduledSeq], layer_hook: LayerHook | None = None
@@ -74,43 +75,29 @@ class ModelRunner:
             num_shared = max(0, min(end, s.seq.num_cached_tokens) - start)
             ids[:num_shared] = [self.kv_cache.scratch_slot] * num_shared
             slots.extend(ids)
-        decode = [s.seq for s in ordered if s.num_new_tokens == 1]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        num_decode = sum(1 for s in ordered if s.num_new_tokens == 1)
+        decode, prefill = ordered[:num_decode], ordered[num_decode:]
         meta = AttentionMetadata(
-            slots=as_tensor(slots),
-            num_decode=len(decode),
-            decode_gather_index=None,
-            decode_bias=None,
-            prefills=self._prefill_spans(ordered[len(decode) :], len(decode)),
+            slots=self._tensor(slots, torch.long),
+            num_decode=num_decode,
+            decode_block_tables=self._block_tables(decode) if decode else None,
+            decode_context_lens=self._tensor([s.seq.num_computed_tokens + 1 for s in decode]) if decode else None,
+            prefill_block_tables=self._block_tables(prefill) if prefill else None,
+            prefill_query_start=self._tensor(_cumsum(s.num_new_tokens for s in prefill)) if prefill else None,
+            prefill_start_pos=self._tensor([s.seq.num_computed_tokens for s in prefill]) if prefill else None,
+            backend=self.attention,
         )
-        if decode:
-            meta.decode_gather_index, meta.decode_bias = self._decode_tables(decode)
-        return as_tensor(token_ids), as_tensor(positions), meta
+        return self._tensor(token_ids, torch.long), self._tensor(positions, torch.long), meta
 
-    def _decode_tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.kv_cache
-        context_lens = [s.num_computed_tokens + 1 for s in seqs]
-        max_blocks = -(-max(context_lens) // cache.block_size)
-        # Pad with block 0: whatever it holds is masked out below.
-        table = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs]
-        tables = torch.tensor(table, dtype=torch.long, device=self.device)
-        key_pos = torch.arange(max_blocks * cache.block_size, device=self.device)
-        lens = torch.tensor(context_lens, device=self.device)
-        bias = torch.zeros(len(seqs), key_pos.numel(), dtype=cache.dtype, device=self.device)
-        bias.masked_fill_(key_pos.view(1, -1) >= lens.view(-1, 1), float("-inf"))
-        bias = bias.unsqueeze(0).expand(cache.num_kv_heads, -1, -1).reshape(-1, 1, key_pos.numel())
-        return cache.gather_index(tables), bias
+    def _block_tables(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """[N, max_blocks] int32: the blocks each sequence attends this step, padded with block 0."""
+        bs = self.kv_cache.block_size
+        lens = [-(-(s.seq.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled]
+        width = max(lens)
+        return self._tensor([s.seq.block_table[:n] + [0] * (width - n) for s, n in zip(scheduled, lens)])
 
-    def _prefill_spans(self, ordered: list[ScheduledSeq], row_start: int) -> list[PrefillSpan]:
-        spans = []
-        for s in ordered:
-            end = s.seq.num_computed_tokens + s.num_new_tokens
-            num_blocks = -(-end // self.kv_cache.block_size)
-            table = torch.tensor(s.seq.block_table[:num_blocks], dtype=torch.long, device=self.device)
-            spans.append(PrefillSpan(row_start, s.num_new_tokens, s.seq.num_computed_tokens,
-                                     self.kv_cache.gather_index(table)))
-            row_start += s.num_new_tokens
-        return spans
+    def _tensor(self, values: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     @staticmethod
     def _sampling_row(seq: Sequence) -> SamplingRow:
@@ -121,3 +108,11 @@ class ModelRunner:
             output_token_ids=seq.output_token_ids,
             seed=seq.seed,
         )
+
+
+def _cumsum(counts) -> list[int]:
+    """[0, c0, c0 + c1, ...]: where each chunk's rows start, and the end."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out

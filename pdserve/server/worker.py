@@ -45,6 +45,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", choices=("int4", "int8"), default=None,
+                   help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
@@ -64,7 +66,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
                           enable_prefix_caching=args.prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

@@ -35,6 +35,25 @@ def test_greedy_batch_matches_transformers(arch, tiny_loaded, references):
     assert engine.stats().num_used == 0
 
 
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_both_attention_backends_match_transformers(backend, tiny_loaded, references, monkeypatch):
+    """The compiled op and the forced PyTorch fallback give the oracle's tokens, mixed steps included."""
+    if backend == "reference":
+        monkeypatch.setenv("PDSERVE_ATTENTION", "reference")
+    prompts, refs = references
+    # A budget of 24 tokens chunks the longer prompts, so decode rows share steps with prefill chunks.
+    engine = make_engine(tiny_loaded("llama"), max_num_batched_tokens=24)
+    if backend == "kernel" and engine.runner.attention.name != "kernel":
+        pytest.skip("the compiled attention op is not available on this machine")
+    assert engine.runner.attention.name == backend
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    outs = run_to_completion(engine)
+    for i in range(len(prompts)):
+        assert tokens_of(outs[str(i)]) == refs["llama"][i], f"prompt {i} ({len(prompts[i])} tokens)"
+    assert engine.stats().num_used == 0
+
+
 def test_requests_arriving_while_others_decode(tiny_loaded, references):
     prompts, refs = references
     engine = make_engine(tiny_loaded("llama"))

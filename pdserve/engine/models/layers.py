@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.host import cpu_has_fast_bf16
+from pdserve.engine.quantization import Int4Linear, Int4Weight, Int8Linear, Int8Weight, QuantizedWeight
 from pdserve.errors import IncompatibleError
 
 
@@ -33,6 +34,18 @@ class Linear:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+AnyLinear = Linear | Int4Linear | Int8Linear
+
+
+def make_linear(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> AnyLinear:
+    """The linear layer for a weight: dense, or quantized when the loader quantized it."""
+    if isinstance(weight, Int4Weight):
+        return Int4Linear(weight, bias)
+    if isinstance(weight, Int8Weight):
+        return Int8Linear(weight, bias)
+    return Linear(weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

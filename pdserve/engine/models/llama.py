@@ -2,6 +2,11 @@
 
 A pure function of (token ids, positions, attention metadata, KV cache): no
 module state but the weights. q/k/v and gate/up are fused into one matrix each.
+
+With a quantized model (load_model(quantization=...)) the decoder layers' seven
+linears arrive as int4 or int8 weights and the LM head as int8 (its own copy when
+tied), and run as quantization.Int4Linear / Int8Linear; the embedding and the norms
+stay dense in the model's dtype. quantization.quantize_weights decides, and says why.
 """
 
 from __future__ import annotations
@@ -14,34 +19,39 @@ import torch.nn.functional as F
 from pdserve.engine.attention import AttentionMetadata, paged_attention
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_loader import ModelSpec
-from pdserve.engine.models.layers import Linear, RotaryEmbedding, rms_norm
+from pdserve.engine.models.layers import AnyLinear, RotaryEmbedding, make_linear, rms_norm
+from pdserve.engine.quantization import QuantizedWeight, concat_rows
 
 # Called after a layer's K/V of this step are in the cache (layer-wise KV streaming).
 LayerHook = Callable[[int], None]
+# HF names -> dense tensors, or quantized weights for the linears of a quantized model.
+Weights = dict[str, torch.Tensor | QuantizedWeight]
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str) -> None:
+    def __init__(self, spec: ModelSpec, w: Weights, prefix: str) -> None:
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
         qkv_bias = None
         if spec.qkv_bias:
             qkv_bias = torch.cat([w[f"{attn}.{n}_proj.bias"] for n in "qkv"])
-        self.qkv = Linear(torch.cat([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]), qkv_bias)
-        self.o_proj = Linear(w[f"{attn}.o_proj.weight"])
-        self.gate_up = Linear(torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]]))
-        self.down = Linear(w[f"{mlp}.down_proj.weight"])
+        self.qkv: AnyLinear = make_linear(concat_rows([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]), qkv_bias)
+        self.o_proj: AnyLinear = make_linear(w[f"{attn}.o_proj.weight"])
+        self.gate_up: AnyLinear = make_linear(concat_rows([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]]))
+        self.down: AnyLinear = make_linear(w[f"{mlp}.down_proj.weight"])
         self.input_norm = w[f"{prefix}.input_layernorm.weight"]
         self.post_attn_norm = w[f"{prefix}.post_attention_layernorm.weight"]
 
 
 class LlamaModel:
-    def __init__(self, spec: ModelSpec, hf_config, weights: dict[str, torch.Tensor], max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, hf_config, weights: Weights, max_positions: int) -> None:
         self.spec = spec
         emb = weights["model.embed_tokens.weight"]
         self.embed = emb
         self.layers = [DecoderLayer(spec, weights, f"model.layers.{i}") for i in range(spec.num_layers)]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = Linear(emb if spec.tie_word_embeddings else weights["lm_head.weight"])
+        # A quantized model carries its LM head even when tied: an int8 copy of the embedding.
+        tied = spec.tie_word_embeddings and "lm_head.weight" not in weights
+        self.lm_head = make_linear(emb if tied else weights["lm_head.weight"])
         self.rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions, emb.dtype, emb.device)
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
