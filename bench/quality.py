@@ -265,19 +265,12 @@ class PdserveWindows:
 
 
 def build_hf_model(loaded: LoadedModel) -> torch.nn.Module:
-    """transformers' model holding our loaded dense weights (shared, not copied), in their dtype."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """bench/engine.py's transformers model over our loaded dense weights, EOS ignored as the engine's ignore_eos."""
+    from engine import build_hf_model as engine_hf_model  # bench/engine.py, beside this script
 
-    hf_logging.set_verbosity_error()
-    dtype = next(iter(loaded.weights.values())).dtype
-    model = AutoModelForCausalLM.from_config(loaded.hf_config, dtype=dtype)
-    state = dict(loaded.weights)
-    if loaded.spec.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.generation_config.eos_token_id = None  # EOS ignored, as the engine's ignore_eos
-    return model.eval()
+    model = engine_hf_model(loaded)
+    model.generation_config.eos_token_id = None
+    return model
 
 
 @torch.inference_mode()
