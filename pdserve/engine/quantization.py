@@ -311,7 +311,37 @@ def int8_linear_reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tenso
     return y.to(x.dtype)
 
 
-class Int4Linear:
+class _QuantizedLinear:
+    """What Int4Linear and Int8Linear share: the row count that picks kernel or dense GEMM, bias, shapes."""
+
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None
+    dense: torch.Tensor | None  # the weight dequantized once (backend "dense"), else None
+    dense_min_rows: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [T, K]
+        if self.dense is not None or rows.shape[0] >= self.dense_min_rows:
+            return F.linear(rows, self.dense_weight(rows.dtype), self.bias).reshape(*x.shape[:-1], self.out_features)
+        y = self._kernel(rows)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [N, K] in `dtype`: the kept one, else dequantized for this call."""
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        return self._dequantize(dtype)
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N], no bias
+        raise NotImplementedError
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int4Linear(_QuantizedLinear):
     """y = x W^T + b with W an Int4Weight; the same interface as layers.Linear.
 
     Backends: "pdserve" (our kernel), "torch" (bf16 activations, no kernel of ours), or
@@ -340,28 +370,19 @@ class Int4Linear:
         elif self.backend == "dense":
             self.dense = dequantize(weight).to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # [T, K]
-        if self.dense is not None or rows.shape[0] >= self.dense_min_rows:
-            return F.linear(rows, self.dense_weight(rows.dtype), self.bias).reshape(*x.shape[:-1], self.out_features)
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         if self.backend == "pdserve":
-            y = torch.ops.pdserve.int4_linear(rows, self.weight.packed, self.scale, self.offset)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.torch_packed, INT4_GROUP_SIZE,
-                                                           self.scales_and_zeros)
-        y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.pdserve.int4_linear(rows, self.weight.packed, self.scale, self.offset)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.torch_packed, INT4_GROUP_SIZE,
+                                                          self.scales_and_zeros)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight [N, K] in `dtype`: the kept one, else dequantized for this call."""
-        if self.dense is not None:
-            return self.dense.to(dtype)
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.backend == "pdserve":
             return torch.ops.pdserve.int4_dequantize(self.weight.packed, self.scale, self.offset, dtype)
         return dequantize(self.weight).to(dtype)
 
 
-class Int8Linear:
+class Int8Linear(_QuantizedLinear):
     """y = x W^T + b with W an Int8Weight; the same interface and backends as Int4Linear."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None) -> None:
@@ -380,21 +401,12 @@ class Int8Linear:
         elif self.backend == "dense":
             self.dense = dequantize(weight).to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # [T, K]
-        if self.dense is not None or rows.shape[0] >= self.dense_min_rows:
-            return F.linear(rows, self.dense_weight(rows.dtype), self.bias).reshape(*x.shape[:-1], self.out_features)
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         if self.backend == "pdserve":
-            y = torch.ops.pdserve.int8_linear(rows, self.weight.q, self.scale)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight.q, self.scale_lowp)
-        y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.pdserve.int8_linear(rows, self.weight.q, self.scale)
+        return torch.ops.aten._weight_int8pack_mm(rows, self.weight.q, self.scale_lowp)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight [N, K] in `dtype`: the kept one, else dequantized for this call."""
-        if self.dense is not None:
-            return self.dense.to(dtype)
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.weight).to(dtype)
 
 
