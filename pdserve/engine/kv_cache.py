@@ -54,11 +54,6 @@ class KVCache:
         self.k[layer].index_copy_(1, slots, k.to(self.dtype))
         self.v[layer].index_copy_(1, slots, v.to(self.dtype))
 
-    def gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
-        """Rows of `_block_rows` holding a batch's blocks: [Hkv * B * max_blocks]. block_tables: [B, max_blocks]."""
-        heads = torch.arange(self.num_kv_heads, device=block_tables.device) * self._blocks_per_head
-        return (heads.view(-1, 1, 1) + block_tables.unsqueeze(0)).reshape(-1)
-
     def slot_ids(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Slots of token positions [start, end) of a sequence, as plain ints (cheap for one token)."""
         bs = self.block_size
@@ -76,12 +71,10 @@ class KVCache:
         """
         bs = self.block_size
         first, last = start // bs, -(-end // bs)
-        table = torch.tensor(block_table[first:last], dtype=torch.long, device=self.k[0].device)
-        index = self.gather_index(table)
-        shape = (self.num_kv_heads, -1, self.head_dim)
+        table = torch.tensor([block_table[first:last]], dtype=torch.long, device=self.k[0].device)
         lo, hi = start - first * bs, end - first * bs
-        k = self._block_rows(self.k[layer]).index_select(0, index).view(shape)[:, lo:hi]
-        v = self._block_rows(self.v[layer]).index_select(0, index).view(shape)[:, lo:hi]
+        k = gather_blocks(self.k[layer], table, bs)[:, lo:hi]
+        v = gather_blocks(self.v[layer], table, bs)[:, lo:hi]
         return k, v
 
     def export_view(self, layer: int, block_table: list[int], start: int,
@@ -100,6 +93,16 @@ class KVCache:
         lo = ids[0] * bs + start - first * bs
         return self.k[layer][:, lo : lo + end - start], self.v[layer][:, lo : lo + end - start]
 
-    def _block_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """A layer's [Hkv, slots, D] tensor as [Hkv * blocks, block_size, D]: blocks to gather by dim 0."""
-        return t.view(self.num_kv_heads * self._blocks_per_head, self.block_size, self.head_dim)
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The blocks of block_tables [B, M] from one layer's cache [Hkv, S, D], as [Hkv * B, M * block_size, D].
+
+    One `index_select` on dim 0 of the cache seen as [Hkv * blocks, block_size, D]: several
+    times faster on CPU than advanced indexing, and no transpose copy.
+    """
+    hkv, num_slots, head_dim = cache.shape
+    blocks_per_head = num_slots // block_size
+    heads = torch.arange(hkv, device=cache.device).view(-1, 1, 1) * blocks_per_head
+    index = (heads + block_tables.to(device=cache.device, dtype=torch.long).unsqueeze(0)).reshape(-1)
+    rows = cache.view(hkv * blocks_per_head, block_size, head_dim)
+    return rows.index_select(0, index).view(hkv * block_tables.shape[0], -1, head_dim)

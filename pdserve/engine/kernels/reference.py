@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.kv_cache import gather_blocks
+
 QUERY_CHUNK = 128
 
 
@@ -30,8 +32,8 @@ def paged_attention_decode(
     hkv = k_cache.shape[0]
     group = num_heads // hkv
     dtype = _compute_dtype(q)
-    k = _gather(k_cache, block_tables, block_size).to(dtype)  # [Hkv * B, M * bs, D]
-    v = _gather(v_cache, block_tables, block_size).to(dtype)
+    k = gather_blocks(k_cache, block_tables, block_size).to(dtype)  # [Hkv * B, M * bs, D]
+    v = gather_blocks(v_cache, block_tables, block_size).to(dtype)
     qf = q.reshape(batch, hkv, group, head_dim).transpose(0, 1).reshape(hkv * batch, group, head_dim).to(dtype)
     scores = torch.bmm(qf, k.transpose(1, 2)).float().mul_(scale)  # [Hkv * B, G, L]
     key_pos = torch.arange(k.shape[1], device=q.device)
@@ -62,8 +64,8 @@ def paged_attention_prefill(
         num_blocks = -(-num_keys // block_size)
         table = block_tables[n : n + 1, :num_blocks]
         dtype = _compute_dtype(q)
-        k = _gather(k_cache, table, block_size).to(dtype)
-        v = _gather(v_cache, table, block_size).to(dtype)
+        k = gather_blocks(k_cache, table, block_size).to(dtype)
+        v = gather_blocks(v_cache, table, block_size).to(dtype)
         out[rows] = _prefill_one(q[rows].to(dtype), k, v, first_pos, scale)
     return out
 
@@ -91,14 +93,3 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: i
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.device.type == "cpu" else q.dtype
-
-
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The blocks of block_tables [B, M] from cache [Hkv, S, D] as [Hkv * B, M * block_size, D]."""
-    hkv, num_slots, head_dim = cache.shape
-    blocks_per_head = num_slots // block_size
-    heads = torch.arange(hkv, device=cache.device).view(-1, 1, 1) * blocks_per_head
-    index = (heads + block_tables.to(device=cache.device, dtype=torch.long).unsqueeze(0)).reshape(-1)
-    rows = cache.view(hkv * blocks_per_head, block_size, head_dim)
-    batch = block_tables.shape[0]
-    return rows.index_select(0, index).view(hkv * batch, -1, head_dim)
