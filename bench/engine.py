@@ -4,6 +4,7 @@ Usage: python bench/engine.py [--rows decode:64:256,prefill:2048,decode:1:256@in
                               [--dtype bfloat16|float32] [--quantization int4,int8]
                               [--rounds N] [--steps N] [--threads N]
                               [--skip-hf] [--skip-llamacpp] [--profile]
+                              [--compile-max-batch N]
 
 Rows: `decode:BATCH:CONTEXT` and `prefill:CONTEXT` run the dense model in the run's
 dtype (--dtype; default: the engine's own default for this host,
@@ -18,7 +19,8 @@ with a line on stderr.
 Prints one JSON object per row on stdout (diagnostics go to stderr):
     {"kind", "batch", "context", "quantization", "tokens_per_s", "floor_tokens_per_s",
      "read_gbps", "step_floor_tokens_per_s", "hf_tokens_per_s", "llamacpp_tokens_per_s",
-     "ratio_floor", "ratio_step_floor", "ratio_hf", "ratio_llamacpp"}
+     "compiled_tokens_per_s", "ratio_floor", "ratio_step_floor", "ratio_hf", "ratio_llamacpp",
+     "ratio_compiled", "ratio_compiled_llamacpp"}
 Every measurement of a row is taken in this one process, interleaved: each round
 times the engine, the GEMM floor, the read bandwidth, transformers and llama.cpp once
 each (the order rotating between rounds), and every column is the median over the
@@ -95,6 +97,13 @@ Columns
   llama-bench's own tokens / time of the timed part (its avg_ns), without model load.
   llama.cpp runs its own Q4_1 kernels whatever the row's quantization: compare
   it with the @int4 row for like weights, with the dense rows for what serving dense costs.
+- compiled_tokens_per_s (decode rows of batch <= --compile-max-batch; else null): the
+  same as tokens_per_s with a second engine built with
+  EngineConfig(compile_max_batch=N) (engine/compiled_decode.py: one torch.compile'd
+  decoder layer per batch bucket, compiled before the row starts), timed in the same
+  rounds; ratio_compiled = compiled_tokens_per_s / tokens_per_s (compiled against
+  eager, side by side), ratio_compiled_llamacpp = compiled_tokens_per_s /
+  llamacpp_tokens_per_s.
 - ratio_floor = tokens_per_s / floor_tokens_per_s; ratio_step_floor = tokens_per_s /
   step_floor_tokens_per_s; ratio_hf = tokens_per_s / hf_tokens_per_s; ratio_llamacpp =
   tokens_per_s / llamacpp_tokens_per_s (null where the other side is).
@@ -337,8 +346,9 @@ class Models:
         return row.quantization or DTYPE_LABELS[self.dtype]
 
 
-def engine_config(row: Row, cache: CacheConfig, scheduler: SchedulerConfig) -> EngineConfig:
-    return EngineConfig(cache=cache, scheduler=scheduler, **quantization_config(row.quantization))
+def engine_config(row: Row, cache: CacheConfig, scheduler: SchedulerConfig, compile_max_batch: int = 0) -> EngineConfig:
+    compiled = {"compile_max_batch": compile_max_batch} if compile_max_batch else {}
+    return EngineConfig(cache=cache, scheduler=scheduler, **quantization_config(row.quantization), **compiled)
 
 
 # -- pdserve ---------------------------------------------------------------------
@@ -347,7 +357,7 @@ def engine_config(row: Row, cache: CacheConfig, scheduler: SchedulerConfig) -> E
 class EngineDecode:
     """`batch` sequences with `context` tokens in the KV cache; times `steps` decode steps."""
 
-    def __init__(self, loaded: LoadedModel, row: Row, steps: int, seed: int) -> None:
+    def __init__(self, loaded: LoadedModel, row: Row, steps: int, seed: int, compile_max_batch: int = 0) -> None:
         self.batch, self.context, self.steps = row.batch, row.context, steps
         blocks_per_seq = -(-(row.context + steps + WARMUP_STEPS + 1) // BLOCK_SIZE)
         # A round allocates blocks for its recomputed last prompt block and its decode
@@ -357,6 +367,7 @@ class EngineDecode:
             row,
             CacheConfig(block_size=BLOCK_SIZE, num_blocks=row.batch * (blocks_per_seq + 2 * blocks_per_round)),
             SchedulerConfig(max_num_batched_tokens=row.batch * row.context, max_num_seqs=row.batch),
+            compile_max_batch,
         )
         self.engine = LLMEngine(config, loaded)
         self.prompts = random_prompts(row.batch, row.context, loaded.spec.vocab_size, seed)
@@ -641,6 +652,12 @@ def decode_measurements(row: Row, loaded: LoadedModel, hf: torch.nn.Module | Non
     read()
     log(f"  KV read per step {read.kv_bytes / 1e6:.1f} MB; bandwidth buffer {read.buffer.nbytes / 1e6:.1f} MB")
     measurements: dict[str, Measurement] = {"engine": engine, "floor": floor, "read": read}
+    if row.batch <= args.compile_max_batch:
+        start = time.perf_counter()
+        compiled = EngineDecode(loaded, row, args.steps, seed, args.compile_max_batch)
+        compiled.warm_up(export_kv=False)
+        log(f"  compiled engine (compile_max_batch {args.compile_max_batch}) ready: {time.perf_counter() - start:.1f} s")
+        measurements["compiled"] = compiled
     if hf is not None:
         hf_decode = HFDecode(hf, engine.prompts, kv, hf_decode_steps(row, args.steps))
         del kv
@@ -687,6 +704,7 @@ def run_row(row: Row, loaded: LoadedModel, label: str, hf: torch.nn.Module | Non
     log(f"  {time.perf_counter() - started:.0f} s; other processes used {other_load.share():.0%} of the CPUs")
     engine, floor = rates["engine"], rates["floor"]
     read_gbps, hf_rate, llama_rate = rates.get("read"), rates.get("hf"), rates.get("llamacpp")
+    compiled = rates.get("compiled")
     step_floor = None
     if read_gbps is not None and kv_bytes is not None:
         step_floor = row.batch / (row.batch / floor + kv_bytes / 1e9 / read_gbps)
@@ -698,10 +716,13 @@ def run_row(row: Row, loaded: LoadedModel, label: str, hf: torch.nn.Module | Non
         "step_floor_tokens_per_s": _rounded(step_floor, 1),
         "hf_tokens_per_s": _rounded(hf_rate, 1),
         "llamacpp_tokens_per_s": _rounded(llama_rate, 1),
+        "compiled_tokens_per_s": _rounded(compiled, 1),
         "ratio_floor": round(engine / floor, 3),
         "ratio_step_floor": None if step_floor is None else round(engine / step_floor, 3),
         "ratio_hf": None if hf_rate is None else round(engine / hf_rate, 3),
         "ratio_llamacpp": None if llama_rate is None else round(engine / llama_rate, 3),
+        "ratio_compiled": None if compiled is None else round(compiled / engine, 3),
+        "ratio_compiled_llamacpp": None if compiled is None or llama_rate is None else round(compiled / llama_rate, 3),
     }
 
 
@@ -709,12 +730,12 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def profile_row(row: Row, loaded: LoadedModel, steps: int, seed: int) -> None:
+def profile_row(row: Row, loaded: LoadedModel, steps: int, seed: int, compile_max_batch: int) -> None:
     """Print the top ops by self CPU time of the engine's timed work on `row`."""
     from torch.profiler import ProfilerActivity, profile
 
     if row.kind == "decode":
-        engine = EngineDecode(loaded, row, steps, seed)
+        engine = EngineDecode(loaded, row, steps, seed, compile_max_batch)
         engine.warm_up(export_kv=False)
         seqs = engine.start()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -728,8 +749,41 @@ def profile_row(row: Row, loaded: LoadedModel, steps: int, seed: int) -> None:
             _, elapsed = prefill()
         what = f"one engine prefill step, {elapsed * 1e3:.1f} ms"
     print(f"== {row.name}: {what} (under the profiler)")
+    print_breakdown(prof, elapsed, steps if row.kind == "decode" else 1)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+# Where a step's time goes, by the profiler's event names (first match wins); the rest of the
+# wall time, outside every op, is Python: scheduler, batch preparation, sampling, outputs.
+PROFILE_CATEGORIES = (
+    ("weight GEMMs", ("aten::mm", "aten::addmm", "pdserve::int4_linear", "pdserve::int8_linear",
+                      "mkldnn::_linear_pointwise", "pdserve::int4_dequantize")),
+    ("paged attention", ("pdserve::paged_attention",)),
+    ("fused kernels of the compiled layer", ("## Call CompiledFxGraph",)),
+    ("torch.compile entry (guards, wrappers)", ("TorchDynamo Cache Lookup", "Torch-Compiled Region",
+                                                 "Pregraph bytecode", "AOTDispatcher")),
+    ("other ATen ops (norms, rope, residuals, KV write, sampling)", ("aten::",)),
+)
+
+
+def print_breakdown(prof, elapsed: float, steps: int) -> None:
+    """Milliseconds per step by PROFILE_CATEGORIES (self time), and the wall time outside any op."""
+    totals = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    other = 0.0
+    for event in prof.key_averages():
+        name = next((cat for cat, prefixes in PROFILE_CATEGORIES if event.key.startswith(prefixes)), None)
+        if name is None:
+            other += event.self_cpu_time_total
+        else:
+            totals[name] += event.self_cpu_time_total
+    wall_ms = elapsed / steps * 1e3
+    in_ops = (sum(totals.values()) + other) / 1e3 / steps
+    print(f"ms per step (wall {wall_ms:.2f}):")
+    for name, micros in totals.items():
+        print(f"  {micros / 1e3 / steps:7.2f}  {name}")
+    print(f"  {other / 1e3 / steps:7.2f}  other profiled events")
+    print(f"  {wall_ms - in_ops:7.2f}  outside any op (Python)")
 
 
 def main() -> None:
@@ -746,6 +800,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp's llama-bench")
     parser.add_argument("--profile", action="store_true", help="profile the engine's timed work instead")
+    parser.add_argument("--compile-max-batch", type=int, default=0,
+                        help="also time decode rows of at most this batch with EngineConfig(compile_max_batch=N) "
+                             "(compiled_tokens_per_s); with --profile, profile that engine")
     args = parser.parse_args()
     rows = parse_rows(args.rows, parse_quantizations(args.quantization))
     if args.rounds < 1 or args.steps < 1 or args.threads < 1:
@@ -758,7 +815,7 @@ def main() -> None:
         for i, row in enumerate(rows):
             loaded = models.get(row.quantization)
             if loaded is not None:
-                profile_row(row, loaded, args.steps, seed=1000 * i)
+                profile_row(row, loaded, args.steps, 1000 * i, args.compile_max_batch)
         return
     hf = None if args.skip_hf else build_hf_model(models.dense)
     log(f"threads {args.threads}, rounds {args.rounds}, steps {args.steps}, dense dtype {models.dtype}, "

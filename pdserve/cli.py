@@ -25,6 +25,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_compile_arg(p)
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
+                   help="decode steps of up to N sequences run a torch.compile'd layer, compiled at start-up (CPU; 0: eager)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +59,7 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--quantization", choices=("int4", "int8"), default=None,
                    help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--device", default="cpu")
+    add_compile_arg(p)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: a share of free memory)")
     p.add_argument("--log", default=None, help="append the daemons' logs to this file")
     p.add_argument("--http-port", type=int, default=None,
@@ -68,7 +75,8 @@ def cluster_spec(args: argparse.Namespace):
     if args.prefill < 0 or args.decode < 1:
         raise InvalidRequestError("--decode", "a cluster needs at least one decode worker")
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
-                       quantization=args.quantization, device=args.device, router_listen=f"127.0.0.1:{args.port}",
+                       quantization=args.quantization, compile_max_batch=args.compile_max_batch,
+                       device=args.device, router_listen=f"127.0.0.1:{args.port}",
                        kv_cache_gib=args.kv_cache_gib, log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls)
 
 
@@ -135,7 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                          cache=CacheConfig(kv_cache_gib=args.kv_cache_gib))
+                          compile_max_batch=args.compile_max_batch, cache=CacheConfig(kv_cache_gib=args.kv_cache_gib))
     engine = LLMEngine(config)
     pre = Preprocessor(engine.tokenizer)
     if args.chat:

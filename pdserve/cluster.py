@@ -104,6 +104,7 @@ class ClusterSpec:
     model: str | None = None
     dtype: str | None = None
     quantization: str | None = None  # "int4" | "int8": every worker's weight-only quantization
+    compile_max_batch: int = 0  # decode workers' EngineConfig.compile_max_batch (0: eager)
     device: str = "cpu"
     router_listen: str = "127.0.0.1:0"
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0: any free port)
@@ -191,6 +192,8 @@ class LocalCluster:
             args += ["--dtype", spec.dtype]
         if spec.quantization:
             args += ["--quantization", spec.quantization]
+        if spec.compile_max_batch and role == "decode":
+            args += ["--compile-max-batch", str(spec.compile_max_batch)]
         args += spec.extra_args.get(role, []) + spec.worker_args.get(index, [])
         env = dict(os.environ, **spec.worker_env[index]) if index in spec.worker_env else None
         return Child(role, args, env)

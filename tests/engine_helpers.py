@@ -10,8 +10,10 @@ from pdserve.engine.outputs import RequestOutput
 
 
 def make_engine(loaded, *, num_blocks: int = 256, block_size: int = 4, max_num_batched_tokens: int = 512,
-                max_num_seqs: int = 64, prefix_caching: bool = True, num_cached_logits: int = 32) -> LLMEngine:
+                max_num_seqs: int = 64, prefix_caching: bool = True, num_cached_logits: int = 32,
+                compile_max_batch: int = 0) -> LLMEngine:
     config = EngineConfig(
+        compile_max_batch=compile_max_batch,
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=prefix_caching,
                           num_cached_logits=num_cached_logits),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),

@@ -43,12 +43,6 @@ class AttentionMetadata:
     backend: AttentionBackend
 
 
-def paged_attention(q: torch.Tensor, kv_cache: KVCache, layer: int, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """q: [T, H, D] (rope applied), the step's K/V already in the cache -> [T, H * D]."""
-    return meta.backend(q, kv_cache.k[layer], kv_cache.v[layer], meta, scale)
-
-
 class AttentionBackend:
     """The compiled op or the PyTorch reference, picked for one cache's device, dtype and head size."""
 

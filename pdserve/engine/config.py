@@ -8,6 +8,8 @@ from pdserve.errors import InvalidRequestError
 
 # Weight-only quantizations (engine/quantization.py implements them).
 QUANTIZATIONS = ("int4", "int8")
+# Largest batch compiled_decode compiles for (its buckets are powers of two up to it).
+MAX_COMPILE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class EngineConfig:
     quantization: str | None = None
     # Longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_model_len: int | None = None
+    # Decode steps of up to this many sequences run one torch.compile'd decoder layer,
+    # compiled for each batch bucket at start-up (engine/compiled_decode.py); 0: eager only.
+    compile_max_batch: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -80,5 +85,8 @@ class EngineConfig:
                                       f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.quantization is not None and self.device.split(":")[0] != "cpu":
             raise InvalidRequestError("quantization", f"{self.quantization} runs on the CPU only, not on {self.device}")
+        if not 0 <= self.compile_max_batch <= MAX_COMPILE_BATCH:
+            raise InvalidRequestError("compile_max_batch",
+                                      f"must be in [0, {MAX_COMPILE_BATCH}], got {self.compile_max_batch}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {self.max_model_len}")

@@ -69,7 +69,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.kv_cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         model_fn = LlamaModel(spec, model.hf_config, model.weights, self.max_model_len)
-        self.runner = ModelRunner(model_fn, self.kv_cache, self.device)
+        self.runner = ModelRunner(model_fn, self.kv_cache, self.device, self.max_model_len, config.compile_max_batch)
+        self.runner.compiled.warm_up()
         capacity = config.cache.num_cached_logits if config.cache.enable_prefix_caching else 0
         self.logits_cache = PromptLogitsCache(capacity)
         self.outputs = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)

@@ -45,14 +45,9 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * num_kv_heads * head_dim * block_size * itemsize
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V of tokens at their slots. slots: [T]; k, v: [T, Hkv, D] (the model's layout)."""
-        self.write_head_major(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
-
     def write_head_major(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V of tokens at their slots. slots: [T]; k, v: [Hkv, T, D] (the cache's, and the wire's, layout)."""
-        self.k[layer].index_copy_(1, slots, k.to(self.dtype))
-        self.v[layer].index_copy_(1, slots, v.to(self.dtype))
+        write_kv_head_major(self.k[layer], self.v[layer], slots, k, v)
 
     def slot_ids(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Slots of token positions [start, end) of a sequence, as plain ints (cheap for one token)."""
@@ -92,6 +87,19 @@ class KVCache:
             return self.read(layer, block_table, start, end)
         lo = ids[0] * bs + start - first * bs
         return self.k[layer][:, lo : lo + end - start], self.v[layer][:, lo : lo + end - start]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store K/V of tokens in one layer's cache at their slots. slots: [T]; k, v: [T, Hkv, D] (the model's layout)."""
+    write_kv_head_major(k_cache, v_cache, slots, k.transpose(0, 1), v.transpose(0, 1))
+
+
+def write_kv_head_major(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> None:
+    """Store K/V of tokens in one layer's cache at their slots. k, v: [Hkv, T, D] (the cache's, and the wire's, layout)."""
+    k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, v.to(v_cache.dtype))
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:

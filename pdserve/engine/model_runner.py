@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata
+from pdserve.engine.compiled_decode import CompiledDecode
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.sampling import Sampler, SampleOutput, SamplingRow
@@ -31,20 +32,25 @@ class ScheduledSeq:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, max_model_len: int,
+                 compile_max_batch: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.sampler = Sampler()
         self.attention = AttentionBackend(kv_cache)
+        self.compiled = CompiledDecode(model, kv_cache, self.attention, compile_max_batch, max_model_len)
 
     def execute(
         self, scheduled: list[ScheduledSeq], layer_hook: LayerHook | None = None
     ) -> tuple[list[ScheduledSeq], SampleOutput | None, torch.Tensor | None]:
         """Forward the step; returns the sequences that sampled, their samples and their [N, V] logits, in order."""
         ordered = [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
-        input_ids, positions, meta = self._prepare(ordered)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, layer_hook)
+        num_tokens = sum(s.num_new_tokens for s in ordered)
+        bucket = None if layer_hook is not None else self.compiled.bucket(len(ordered), num_tokens)
+        input_ids, positions, meta = self._prepare(ordered, bucket)
+        layer_fn = None if bucket is None else self.compiled.layer_fn
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, layer_hook, layer_fn)
         sampling, rows = [], []
         row = 0
         for s in ordered:
@@ -61,7 +67,10 @@ class ModelRunner:
         """One token per sequence from its [N, V] logits (those of its last position)."""
         return self.sampler(logits, [self._sampling_row(seq) for seq in seqs])
 
-    def _prepare(self, ordered: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(self, ordered: list[ScheduledSeq],
+                 bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's input ids, positions and attention metadata; a compiled decode step's
+        padded to its bucket (compiled_decode: padding rows write to scratch, attend one key)."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -77,24 +86,37 @@ class ModelRunner:
             slots.extend(ids)
         num_decode = sum(1 for s in ordered if s.num_new_tokens == 1)
         decode, prefill = ordered[:num_decode], ordered[num_decode:]
+        context_lens = [s.seq.num_computed_tokens + 1 for s in decode]
+        table_rows, table_width = self._block_table_rows(decode), None
+        if bucket is not None:
+            pad = bucket - num_decode
+            token_ids += [0] * pad
+            positions += [0] * pad
+            slots += [self.kv_cache.scratch_slot] * pad
+            context_lens += [1] * pad
+            table_rows += [[]] * pad
+            table_width, num_decode = self.compiled.table_width, bucket
         meta = AttentionMetadata(
             slots=self._tensor(slots, torch.long),
             num_decode=num_decode,
-            decode_block_tables=self._block_tables(decode) if decode else None,
-            decode_context_lens=self._tensor([s.seq.num_computed_tokens + 1 for s in decode]) if decode else None,
-            prefill_block_tables=self._block_tables(prefill) if prefill else None,
+            decode_block_tables=self._pad_tables(table_rows, table_width) if decode else None,
+            decode_context_lens=self._tensor(context_lens) if decode else None,
+            prefill_block_tables=self._pad_tables(self._block_table_rows(prefill)) if prefill else None,
             prefill_query_start=self._tensor(_cumsum(s.num_new_tokens for s in prefill)) if prefill else None,
             prefill_start_pos=self._tensor([s.seq.num_computed_tokens for s in prefill]) if prefill else None,
             backend=self.attention,
         )
         return self._tensor(token_ids, torch.long), self._tensor(positions, torch.long), meta
 
-    def _block_tables(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """[N, max_blocks] int32: the blocks each sequence attends this step, padded with block 0."""
+    def _block_table_rows(self, scheduled: list[ScheduledSeq]) -> list[list[int]]:
+        """The blocks each sequence attends this step."""
         bs = self.kv_cache.block_size
-        lens = [-(-(s.seq.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled]
-        width = max(lens)
-        return self._tensor([s.seq.block_table[:n] + [0] * (width - n) for s, n in zip(scheduled, lens)])
+        return [s.seq.block_table[: -(-(s.seq.num_computed_tokens + s.num_new_tokens) // bs)] for s in scheduled]
+
+    def _pad_tables(self, rows: list[list[int]], width: int | None = None) -> torch.Tensor:
+        """[N, width] int32 (width: the longest row's by default), padded with block 0."""
+        width = width or max(len(r) for r in rows)
+        return self._tensor([r + [0] * (width - len(r)) for r in rows])
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

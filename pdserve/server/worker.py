@@ -47,6 +47,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantization", choices=("int4", "int8"), default=None,
                    help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
+    p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
+                   help="decode steps of up to N sequences run a torch.compile'd layer, compiled at start-up (CPU; 0: eager)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
@@ -67,7 +69,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, compile_max_batch=args.compile_max_batch,
         cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
                           enable_prefix_caching=args.prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

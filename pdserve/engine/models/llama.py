@@ -11,13 +11,14 @@ stay dense in the model's dtype. quantization.quantize_weights decides, and says
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.attention import AttentionMetadata, paged_attention
-from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.kv_cache import KVCache, write_kv
 from pdserve.engine.model_loader import ModelSpec
 from pdserve.engine.models.layers import AnyLinear, RotaryEmbedding, make_linear, rms_norm
 from pdserve.engine.quantization import QuantizedWeight, concat_rows
@@ -29,7 +30,7 @@ Weights = dict[str, torch.Tensor | QuantizedWeight]
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, w: Weights, prefix: str) -> None:
+    def __init__(self, spec: ModelSpec, w: Weights, prefix: str, rotary: RotaryEmbedding) -> None:
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
         qkv_bias = None
         if spec.qkv_bias:
@@ -40,6 +41,37 @@ class DecoderLayer:
         self.down: AnyLinear = make_linear(w[f"{mlp}.down_proj.weight"])
         self.input_norm = w[f"{prefix}.input_layernorm.weight"]
         self.post_attn_norm = w[f"{prefix}.post_attention_layernorm.weight"]
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.eps = spec.rms_norm_eps
+        self.scale = spec.head_dim**-0.5
+
+    def __call__(
+        self,
+        h: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, D]
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,  # this layer's cache
+        v_cache: torch.Tensor,
+        after_kv_write: Callable[[], None] | None = None,
+    ) -> torch.Tensor:  # [T, hidden]
+        """One decoder layer. A function of its arguments and the weights only, so that
+        compiled_decode can compile it once and run it for every layer."""
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = rms_norm(h, self.input_norm, self.eps)
+        qkv = self.qkv(x)  # [T, (H + 2 Hkv) * D]
+        # q and k rotate together: one rope over [T, H + Hkv, D].
+        qk = self.rotary.apply(qkv[:, : (heads + kv_heads) * d].view(-1, heads + kv_heads, d), cos, sin)
+        q, k = qk.split([heads, kv_heads], dim=1)
+        v = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
+        write_kv(k_cache, v_cache, meta.slots, k, v)
+        if after_kv_write is not None:
+            after_kv_write()
+        h = h + self.o_proj(meta.backend(q, k_cache, v_cache, meta, self.scale))
+        x = rms_norm(h, self.post_attn_norm, self.eps)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
 
 
 class LlamaModel:
@@ -47,15 +79,12 @@ class LlamaModel:
         self.spec = spec
         emb = weights["model.embed_tokens.weight"]
         self.embed = emb
-        self.layers = [DecoderLayer(spec, weights, f"model.layers.{i}") for i in range(spec.num_layers)]
+        self.rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions, emb.dtype, emb.device)
+        self.layers = [DecoderLayer(spec, weights, f"model.layers.{i}", self.rotary) for i in range(spec.num_layers)]
         self.norm = weights["model.norm.weight"]
         # A quantized model carries its LM head even when tied: an int8 copy of the embedding.
         tied = spec.tie_word_embeddings and "lm_head.weight" not in weights
         self.lm_head = make_linear(emb if tied else weights["lm_head.weight"])
-        self.rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions, emb.dtype, emb.device)
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = spec.head_dim**-0.5
 
     @torch.inference_mode()
     def forward(
@@ -65,27 +94,20 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv_cache: KVCache,
         layer_hook: LayerHook | None = None,
+        layer_fn: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, hidden]
-        spec = self.spec
-        num_qk_heads = spec.num_heads + spec.num_kv_heads
+        """The step's final hidden states. layer_fn(layer, h, cos, sin, meta, k_cache, v_cache)
+        runs each layer in place of calling it (compiled_decode's compiled layer)."""
         cos, sin = self.rotary.lookup(positions)
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-            qkv = layer.qkv(x)  # [T, (H + 2 Hkv) * D]
-            # q and k rotate together: one rope over [T, H + Hkv, D].
-            qk = self.rotary.apply(qkv[:, : self.q_size + self.kv_size].view(-1, num_qk_heads, spec.head_dim),
-                                   cos, sin)
-            q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
-            v = qkv[:, self.q_size + self.kv_size :].view(-1, spec.num_kv_heads, spec.head_dim)
-            kv_cache.write(i, meta.slots, k, v)
-            if layer_hook is not None:
-                layer_hook(i)
-            h = h + layer.o_proj(paged_attention(q, kv_cache, i, meta, self.scale))
-            x = rms_norm(h, layer.post_attn_norm, spec.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
-        return rms_norm(h, self.norm, spec.rms_norm_eps)
+            k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
+            if layer_fn is not None:
+                h = layer_fn(layer, h, cos, sin, meta, k_cache, v_cache)
+            else:
+                h = layer(h, cos, sin, meta, k_cache, v_cache,
+                          None if layer_hook is None else functools.partial(layer_hook, i))
+        return rms_norm(h, self.norm, self.spec.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V]
