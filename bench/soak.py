@@ -2,6 +2,7 @@
 
 Usage: python bench/soak.py [--minutes 30] [--load 0.8] [--model PATH] [--dtype DTYPE]
                             [--prefill N] [--decode M] [--plot soak.png] [--capacity REQ_PER_S]
+                            [--compile-max-batch N]
 
 Starts a LocalCluster (router + N prefill + M decode workers, default 1 + 1 on SmolLM2) with
 its logs in a temporary file named on stderr, then:
@@ -344,6 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None)
     p.add_argument("--prefill", type=int, default=1)
     p.add_argument("--decode", type=int, default=1)
+    p.add_argument("--compile-max-batch", type=int, default=0,
+                   help="decode workers run compiled decode steps up to this batch (engine/compiled_decode.py)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="per worker (default: LocalCluster's split)")
     p.add_argument("--capacity", type=float, default=None, help="req/s; skips the capacity probe")
     p.add_argument("--probe-concurrency", type=int, default=8)
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = tempfile.NamedTemporaryFile("w", prefix="soak-", suffix=".log", delete=False).name
     log(f"daemons' logs: {logs}")
     spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
-                       kv_cache_gib=args.kv_cache_gib, log_path=logs)
+                       kv_cache_gib=args.kv_cache_gib, log_path=logs, compile_max_batch=args.compile_max_batch)
     with LocalCluster(spec) as cluster:
         soaked = asyncio.run(soak(cluster, args, token_range_for(args.model)))
     result = summary(soaked)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -51,14 +54,21 @@ def test_a_worker_with_a_certificate_of_another_ca_never_joins(secured, tiny_dir
            "--dtype", "float32", "--kv-cache-gib", "0.05", "--listen", "127.0.0.1:0", "--heartbeat-s", "0.3",
            "--tls-cert", other.cert, "--tls-key", other.key, "--tls-ca", other.ca]
     rogue = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in rogue.stderr], daemon=True).start()
     try:
-        time.sleep(6)  # long enough for several registration attempts
+        # Its start-up takes seconds (more on a loaded machine): wait for a refused registration.
+        deadline, refused = time.monotonic() + 90, False
+        while not refused and time.monotonic() < deadline and rogue.poll() is None:
+            with contextlib.suppress(queue.Empty):
+                refused = "UNAVAILABLE" in lines.get(timeout=1)
+        assert refused, "the rogue worker never reported a failed registration"
+        time.sleep(1)  # and a few more attempts (heartbeat 0.3 s)
         with Client(secured.address, credentials=secured.credentials) as client:
             assert len(client.cluster_status()) == 2
     finally:
         rogue.terminate()
-        _, err = rogue.communicate(timeout=20)
-    assert "UNAVAILABLE" in err  # its registrations failed the handshake
+        rogue.wait(timeout=20)
 
 
 def test_the_command_line_clients_speak_mutual_tls(secured):
