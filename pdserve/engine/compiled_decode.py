@@ -89,6 +89,8 @@ class CompiledDecode:
         self.enabled = False
         self.num_steps = 0  # steps run compiled
         self.layer_fn: Callable[..., torch.Tensor] | None = None
+        if not self.buckets:
+            return
         why_not = self._unsupported_reason()
         if why_not:
             logger.info("compiled decode: off (%s); decode steps run eagerly", why_not)
@@ -103,8 +105,6 @@ class CompiledDecode:
         self.enabled = True
 
     def _unsupported_reason(self) -> str | None:
-        if not self.buckets:
-            return "no buckets"
         if self.kv_cache.k[0].device.type != "cpu":
             return "CPU only for now (CUDA would want CUDA graphs)"
         if self.attention.name != "kernel":

@@ -124,3 +124,12 @@ def test_quantized_models_decode_the_same_compiled(quantization, tiny_model_dirs
         if compiled:
             assert engine.runner.compiled.num_steps > 0
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("value", [-1, 257])
+def test_a_bad_compile_max_batch_names_the_field(value):
+    from pdserve.engine.config import EngineConfig
+    from pdserve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="compile_max_batch"):
+        EngineConfig(compile_max_batch=value)

@@ -96,18 +96,6 @@ def _register_fakes() -> None:
     def _decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("pdserve::int4_linear")
-    def _int4_linear(x, packed, scale, offset):
-        return x.new_empty(x.shape[0], packed.shape[0])
-
-    @torch.library.register_fake("pdserve::int8_linear")
-    def _int8_linear(x, q, scale):
-        return x.new_empty(x.shape[0], q.shape[0])
-
-    @torch.library.register_fake("pdserve::int4_dequantize")
-    def _int4_dequantize(packed, scale, offset, dtype):
-        return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=dtype)
-
     @torch.library.register_fake("pdserve::paged_attention_prefill")
     def _prefill(q, k_cache, v_cache, block_tables, query_start, start_pos, block_size, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
