@@ -370,7 +370,18 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   check_input(x, K, "int4_linear");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
-  const at::Tensor xsum = xf.view({M, G, kGroup}).sum(-1).contiguous();  // [M, G]
+  // [M, G]: each group's sum of x, for the offsets. A plain loop: an ATen sum here cost more
+  // than the kernel's own work on the small layers at batch 1.
+  at::Tensor xsum = at::empty({M, G}, xf.options());
+  {
+    const float* xp = xf.data_ptr<float>();
+    float* sp = xsum.data_ptr<float>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) s += xp[i * kGroup + j];
+      sp[i] = s;
+    }
+  }
   at::Tensor y = at::empty({M, N}, xf.options());
   const Int4Args a{xf.data_ptr<float>(), xsum.data_ptr<float>(), K, packed.data_ptr<uint8_t>(),
                    scale.data_ptr<float>(), offset.data_ptr<float>(), y.data_ptr<float>(), N};
