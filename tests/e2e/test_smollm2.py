@@ -65,7 +65,7 @@ def test_engine_matches_transformers_on_smollm2(smollm2, oracle):
 
 def test_cluster_matches_local_cli(tmp_path):
     """The local CLI's eager engine against a disaggregated cluster whose decode worker runs
-    compiled decode steps (--compile-max-batch): the same greedy text."""
+    compiled decode steps (--compile-max-batch 1: the requests come one at a time): the same greedy text."""
     questions = ["What is 2+2?", "Name a fruit.", "Say hello in French."]
     local = []
     for q in questions:
@@ -74,7 +74,7 @@ def test_cluster_matches_local_cli(tmp_path):
                              capture_output=True, text=True, timeout=300, check=True)
         local.append(out.stdout.rstrip("\n"))
     spec = ClusterSpec(num_prefill=1, num_decode=1, dtype="float32", router_listen="127.0.0.1:0",
-                       kv_cache_gib=0.3, log_path=E2E_LOG, compile_max_batch=4)
+                       kv_cache_gib=0.3, log_path=E2E_LOG, compile_max_batch=1)
     with LocalCluster(spec) as cluster, Client(cluster.address, timeout=120) as client:
         remote = [client.complete(messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0.0)
                   for q in questions]

@@ -24,14 +24,14 @@ def test_buckets_are_powers_of_two_up_to_the_maximum():
     assert buckets_up_to(12) == [1, 2, 4, 8, 12]
 
 
-def _compiled_engine(loaded, **kwargs):
-    engine = make_engine(loaded, compile_max_batch=MAX_BATCH, **kwargs)
+def _compiled_engine(loaded, max_batch: int = MAX_BATCH, **kwargs):
+    engine = make_engine(loaded, compile_max_batch=max_batch, **kwargs)
     if not engine.runner.compiled.enabled:
         pytest.skip("compiled decode is off here (no compiled attention op, or no compiler)")
     return engine
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2"])  # q/k/v biases; llama's layers: the tests below
 def test_compiled_steps_give_the_oracles_tokens(arch, tiny_loaded, tiny_oracles):
     """Batches of 1 to 6 sequences (padded to buckets 1, 2, 4; 5 and 6 run eagerly), with
     requests joining while others decode, and prefill chunks beside decode rows."""
@@ -109,14 +109,15 @@ def test_without_the_attention_op_decode_stays_eager(tiny_loaded, monkeypatch):
 
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
 def test_quantized_models_decode_the_same_compiled(quantization, tiny_model_dirs):
-    """The quantized linears (pdserve's ops, traced through their fake implementations) in the compiled layer."""
+    """The quantized linears (pdserve's ops, traced through their fake implementations) in the
+    compiled layer; one bucket (batch 1) keeps the compile short."""
     from pdserve.engine.model_loader import load_model
 
     loaded = load_model(str(tiny_model_dirs["llama"]), dtype="float32", quantization=quantization)
-    prompts = random_prompts((4, 13, 22), seed=11)
+    prompts = random_prompts((13,), seed=11)
     tokens = {}
     for compiled in (False, True):
-        engine = _compiled_engine(loaded) if compiled else make_engine(loaded)
+        engine = _compiled_engine(loaded, max_batch=1) if compiled else make_engine(loaded)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, GREEDY)
         outs = run_to_completion(engine)
