@@ -17,8 +17,8 @@ sequences, on CPU with the compiled attention op. Each is padded to the next buc
 (powers of two up to `max_batch`): padding rows write their K/V to the scratch slot and
 attend one key, and their hidden states are dropped. Block tables are padded to the width
 of the longest sequence allowed (max_model_len), so one graph serves every context.
-Everything else runs the same layers eagerly. Compiled and eager layers differ in float rounding only (fused
-reductions), about 1e-5 in fp32.
+Everything else runs the same layers eagerly. Compiled and eager layers differ in float
+rounding only (fused reductions), about 1e-5 in fp32.
 
 Inductor's cache lives in pdserve's cache directory (TORCHINDUCTOR_CACHE_DIR, unless set):
 a restart finds every bucket there and only traces. It holds one entry per (model shape,
