@@ -44,7 +44,8 @@ class EngineLoop:
         self.engine = engine
         self.layer_hook = layer_hook
         self.nice = nice
-        # Called on the engine thread after every step (e.g. to publish the state metrics read).
+        # Called on the engine thread after every step and every batch of commands (e.g. to
+        # publish the state that metrics and heartbeats read without waiting for the thread).
         self.on_step: Callable[[LLMEngine], None] | None = None
         # Called on the engine thread once, if the engine breaks (a daemon then stops: it cannot serve).
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -134,8 +135,8 @@ class EngineLoop:
                     return
                 if self.engine.has_work():
                     self._dispatch(self.engine.step(self.layer_hook))
-                    if self.on_step is not None:
-                        self._run_on_step()
+                if self.on_step is not None:  # after a step, and after commands (an abort while idle)
+                    self._run_on_step()
         except BaseException as exc:  # the engine is broken: fail every request, loudly
             log.exception("engine thread died")
             self._failed = exc

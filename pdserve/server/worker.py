@@ -98,6 +98,7 @@ class Worker:
         self.metrics.set_state_callback(lambda: self._state)
         self.loop = EngineLoop(engine, nice=engine_nice)
         self.loop.on_step = self._publish_state
+        self._publish_state(engine)  # before the engine thread starts: the first registration's load
         self.loop.start()
         self.worker_id = worker_id or f"{self.role_name}-{uuid.uuid4().hex[:8]}"
         fp = engine.loaded.fingerprint
@@ -111,17 +112,17 @@ class Worker:
         # Run when a stop's grace period is about to end (e.g. move running requests elsewhere).
         self.on_grace_end: list[Callable[[], None]] = []
 
-    async def load(self) -> common_pb2.WorkerLoad:
-        def read(engine: LLMEngine) -> tuple:
-            s = engine.scheduler
-            return engine.stats(), len(s.running) + len(s.remote), len(s.waiting)
-
-        stats, running, waiting = await asyncio.wrap_future(self.loop.call(read))
-        kv = common_pb2.KVStats(block_size=self.engine.kv.block_size, num_total=stats.num_total,
-                                num_free=stats.num_free, num_used=stats.num_used, num_cached=stats.num_cached,
-                                prefix_cache_hit_rate=stats.prefix_hit_rate)
+    def load(self) -> common_pb2.WorkerLoad:
+        """The load the router sees, from the state the engine thread published after its last
+        step or commands. Never waits for the engine thread: a step can take seconds (a 2048-token
+        fp32 prefill took 5 s on 2 cores), and a heartbeat that waited for it came after the
+        router's patience (3 heartbeats) and got a busy worker declared dead."""
+        s = self._state
+        kv = common_pb2.KVStats(block_size=self.engine.kv.block_size, num_total=s.kv_blocks_total,
+                                num_free=s.kv_blocks_total - s.kv_blocks_used, num_used=s.kv_blocks_used,
+                                num_cached=s.kv_blocks_cached, prefix_cache_hit_rate=s.prefix_cache_hit_rate)
         recent = self.metrics.recent.summary()
-        return common_pb2.WorkerLoad(num_running_requests=running, num_waiting_requests=waiting,
+        return common_pb2.WorkerLoad(num_running_requests=s.num_running, num_waiting_requests=s.num_waiting,
                                      num_pending_prefill_tokens=self.pending_prefill_tokens, kv=kv,
                                      output_tokens_per_s=recent.output_tokens_per_s,
                                      prefill_tokens_per_s=recent.prefill_tokens_per_s,
@@ -154,7 +155,10 @@ class Worker:
             num_running=len(s.running) + len(s.remote), num_waiting=len(s.waiting))
 
     async def stats_response(self) -> common_pb2.StatsResponse:
-        return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=await self.load())
+        # Exact, after every command queued before it (tests and `pdserve top` read it): it waits
+        # for the engine thread, which heartbeats must not.
+        await asyncio.wrap_future(self.loop.call(self._publish_state))
+        return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=self.load())
 
     def close(self) -> None:
         self.loop.stop()
@@ -180,13 +184,13 @@ class RouterLink:
         """Tell the router at once that no new work should come here."""
         self.worker.draining = True
         await self._stub.Heartbeat(router_pb2.HeartbeatRequest(
-            worker_id=self.worker.worker_id, load=await self.worker.load(), draining=True), timeout=2.0)
+            worker_id=self.worker.worker_id, load=self.worker.load(), draining=True), timeout=2.0)
 
     async def _register(self) -> None:
         w = self.worker
         request = router_pb2.RegisterRequest(
             worker_id=w.worker_id, role=w.role, address=self.own_address, model=w.fingerprint_pb,
-            preprocessing_version=w.preprocessor.version, kv_layout=w.layout_pb, load=await w.load(),
+            preprocessing_version=w.preprocessor.version, kv_layout=w.layout_pb, load=w.load(),
             version=w.version)
         response = await self._stub.Register(request, timeout=5.0)
         w.worker_id = response.worker_id or w.worker_id
@@ -204,7 +208,7 @@ class RouterLink:
                     await self._register()
                     registered, backoff = True, 0.1
                 response = await self._stub.Heartbeat(router_pb2.HeartbeatRequest(
-                    worker_id=self.worker.worker_id, load=await self.worker.load(),
+                    worker_id=self.worker.worker_id, load=self.worker.load(),
                     draining=self.worker.draining), timeout=max(2.0, self.heartbeat_s))
                 registered = not response.reregister
                 await asyncio.sleep(self.heartbeat_s)
