@@ -656,7 +656,8 @@ def decode_measurements(row: Row, loaded: LoadedModel, hf: torch.nn.Module | Non
         start = time.perf_counter()
         compiled = EngineDecode(loaded, row, args.steps, seed, args.compile_max_batch)
         compiled.warm_up(export_kv=False)
-        log(f"  compiled engine (compile_max_batch {args.compile_max_batch}) ready: {time.perf_counter() - start:.1f} s")
+        log(f"  compiled engine (compile_max_batch {args.compile_max_batch}) ready: "
+            f"{time.perf_counter() - start:.1f} s")
         measurements["compiled"] = compiled
     if hf is not None:
         hf_decode = HFDecode(hf, engine.prompts, kv, hf_decode_steps(row, args.steps))

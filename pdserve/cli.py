@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
-                   help="decode steps of up to N sequences run a torch.compile'd layer, compiled at start-up (CPU; 0: eager)")
+                   help="decode steps of up to N sequences run a torch.compile'd layer, "
+                        "compiled at start-up (CPU; 0: eager)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -33,9 +33,9 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        self._blocks_per_head = num_blocks + 1  # the pool's blocks and the scratch block
         self.scratch_slot = num_blocks * block_size
-        shape = (num_kv_heads, self._blocks_per_head * block_size, head_dim)
+        blocks_per_head = num_blocks + 1  # the pool's blocks and the scratch block
+        shape = (num_kv_heads, blocks_per_head * block_size, head_dim)
         # Zeroed, not empty: padding slots are read (then masked) and must not hold NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -97,7 +97,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
 
 def write_kv_head_major(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor) -> None:
-    """Store K/V of tokens in one layer's cache at their slots. k, v: [Hkv, T, D] (the cache's, and the wire's, layout)."""
+    """Store K/V of tokens in one layer's cache at their slots.
+
+    k, v: [Hkv, T, D] (the cache's, and the wire's, layout)."""
     k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(1, slots, v.to(v_cache.dtype))
 

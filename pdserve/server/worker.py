@@ -48,7 +48,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--quantization", choices=("int4", "int8"), default=None,
                    help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
     p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
-                   help="decode steps of up to N sequences run a torch.compile'd layer, compiled at start-up (CPU; 0: eager)")
+                   help="decode steps of up to N sequences run a torch.compile'd layer, "
+                        "compiled at start-up (CPU; 0: eager)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
