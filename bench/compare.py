@@ -49,7 +49,7 @@ from pdserve.bench.cli import measure, report_run, warmup_requests
 from pdserve.bench.stats import RequestRecord, Slo, summarize
 from pdserve.bench.workloads import WorkloadSpec, build
 from pdserve.cluster import ClusterSpec, LocalCluster
-from pdserve.engine.model_loader import default_model_path
+from pdserve.engine.model_loader import default_model_path, dtype_name, resolve_dtype
 
 RAMP_CONCURRENCY = 16
 LOAD_FRACTION = 0.7
@@ -71,9 +71,10 @@ class Phase:
 
 
 class PdserveConfig:
-    def __init__(self, name: str, num_prefill: int, model: str | None, log_path: str) -> None:
+    def __init__(self, name: str, num_prefill: int, args: argparse.Namespace, log_path: str) -> None:
         self.name = name
-        self.spec = ClusterSpec(num_prefill=num_prefill, num_decode=1, model=model, dtype="bfloat16",
+        self.spec = ClusterSpec(num_prefill=num_prefill, num_decode=1, model=args.model, dtype=args.dtype,
+                                quantization=args.quantization, compile_max_batch=args.compile_max_batch,
                                 kv_cache_gib=2.0, log_path=log_path)
         self.cluster: LocalCluster | None = None
 
@@ -89,13 +90,13 @@ class PdserveConfig:
 class TransformersConfig:
     name = "transformers"
 
-    def __init__(self, model: str | None) -> None:
-        self.model = model
+    def __init__(self, model: str | None, dtype: str | None) -> None:
+        self.model, self.dtype = model, dtype
 
     def __enter__(self):
         from pdserve.bench.hf_backend import HFBackend
 
-        return HFBackend(self.model, threads=2, max_batch_size=THROUGHPUT_CONCURRENCY, name=self.name)
+        return HFBackend(self.model, dtype=self.dtype, threads=2, max_batch_size=THROUGHPUT_CONCURRENCY, name=self.name)
 
     def __exit__(self, *exc) -> None:
         pass
@@ -168,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-ms", type=float, default=Slo.tpot_ms)
     p.add_argument("--time-limit-s", type=float, default=600.0, help="per configuration and phase")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None,
+                   help="pdserve's and transformers' dtype (default: the engine's for this CPU: bfloat16 "
+                        "where the CPU has native bf16, float32 where bf16 would be emulated)")
+    p.add_argument("--quantization", choices=["int4", "int8"], default=None, help="pdserve's weights")
+    p.add_argument("--compile-max-batch", type=int, default=0, help="pdserve decode's compiled buckets")
     p.add_argument("--quick", action="store_true", help="small traces: checks the pipeline, not a measurement")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -180,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                                 long_output_len=16, long_fraction=0.1, seed=args.seed)
     logs = tempfile.NamedTemporaryFile("w", prefix="compare-", suffix=".log", delete=False).name
     log(f"servers' logs: {logs}")
-    disagg = PdserveConfig("disagg", 1, args.model, logs)
-    coloc = PdserveConfig("coloc", 0, args.model, logs)
-    others = [TransformersConfig(args.model)]
+    dtype = dtype_name(resolve_dtype(args.dtype, "cpu"))
+    log(f"dtype {dtype}")
+    args.dtype = dtype
+    disagg = PdserveConfig("disagg", 1, args, logs)
+    coloc = PdserveConfig("coloc", 0, args, logs)
+    others = [TransformersConfig(args.model, dtype)]
     if args.llama_server:
         others.append(LlamaServerConfig(args.llama_server, gguf, logs))
     else:
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                         for k, v in tput_summary.items()})
         configs["ramp/coloc"] = ramp_summary
         payload = {"configs": configs, "ratios": ratios, "rate": rate,
-                   "workloads": {"interference": asdict(interference)}, "llama_server": args.llama_server}
+                   "workloads": {"interference": asdict(interference)}, "llama_server": args.llama_server,
+                   "dtype": dtype, "quantization": args.quantization, "compile_max_batch": args.compile_max_batch}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         log(f"wrote {args.json}")

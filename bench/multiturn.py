@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2, help="phases per router")
     p.add_argument("--model", default=None, help="model path (default: SmolLM2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="default: the engine's for this CPU (bf16 only where native)")
     args = p.parse_args(argv)
-    spec = ClusterSpec(num_prefill=1, num_decode=2, model=args.model, dtype="bfloat16",
+    spec = ClusterSpec(num_prefill=1, num_decode=2, model=args.model, dtype=args.dtype,
                        extra_args={"prefill": ["--metrics-port", "0"]})
     rng = random.Random(args.seed)
     stats = {name: {"kv_bytes": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "ttft": []}

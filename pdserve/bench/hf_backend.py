@@ -78,7 +78,7 @@ class _ArrivalStreamer(BaseStreamer):
 class HFBackend:
     """A `Backend` over transformers' static-batch `generate` (see the module docstring)."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", threads: int | None = None,
+    def __init__(self, model: str | None = None, *, dtype: str | None = None, threads: int | None = None,
                  max_batch_size: int = 32, name: str = "transformers") -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
