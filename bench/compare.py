@@ -8,7 +8,7 @@ Configurations (one at a time, each given the whole machine):
                 (LocalCluster pins each worker to its own core, one thread each)
   coloc         `pdserve up --prefill 0 --decode 1`: one worker prefills and decodes, both cores
   transformers  transformers' static-batch `generate` (batches of up to 32), 2 threads,
-                served behind the same load generator (pdserve/bench/hf_backend.py)
+                served behind the same load generator (pdserve/loadgen/hf_backend.py)
   llama-server  llama.cpp's server on the same GGUF, 2 threads, 32 slots, continuous
                 batching; only with --llama-server PATH (`make llama-server` builds one)
 
@@ -43,11 +43,11 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.backends import LlamaServerBackend, PdserveBackend
-from pdserve.bench.cli import measure, report_run, warmup_requests
-from pdserve.bench.stats import RequestRecord, Slo, summarize
-from pdserve.bench.workloads import WorkloadSpec, build
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.backends import LlamaServerBackend, PdserveBackend
+from pdserve.loadgen.cli import measure, report_run, warmup_requests
+from pdserve.loadgen.stats import RequestRecord, Slo, summarize
+from pdserve.loadgen.workloads import WorkloadSpec, build
 from pdserve.cluster import ClusterSpec, LocalCluster
 from pdserve.engine.model_loader import default_model_path, dtype_name, resolve_dtype
 
@@ -94,7 +94,7 @@ class TransformersConfig:
         self.model, self.dtype = model, dtype
 
     def __enter__(self):
-        from pdserve.bench.hf_backend import HFBackend
+        from pdserve.loadgen.hf_backend import HFBackend
 
         return HFBackend(self.model, dtype=self.dtype, threads=2, max_batch_size=THROUGHPUT_CONCURRENCY, name=self.name)
 

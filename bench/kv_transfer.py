@@ -33,9 +33,9 @@ Figures
   default lengths, whose last position's logits the daemon keeps). Timed: from just
   before the call is made to the moment the last KV chunk (received bytes == the
   header's num_kv_bytes) has been parsed and checked the way `DecodeServicer._pull`
-  does it: through the decode daemon's `PrefillStub` (chunks decoded as views of the
-  message), the header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk` (sequence number, ranges,
-  byte counts, payload checksum, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
+  does it: through kv_transfer's gRPC source (chunks decoded as views of the message) and
+  pull loop, the header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk`
+  (sequence number, ranges, byte counts, payload checksum, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
   own blocks, and the FirstToken message that follows the KV.
 - bytes_per_s = bytes / transfer_s.
 - ratio_grpc_raw = raw_s / transfer_s, where raw_s is a bare grpc.aio server-streaming
@@ -155,51 +155,69 @@ class Pull:
     num_cached_tokens: int = 0
 
 
-def receiver_for(header_msg, rid: str, prompt: list[int]):
-    """A KVReceiver checked against the header, as the decode daemon builds one (its identity taken from it)."""
-    import torch
+class TimedSource:
+    """A KVSource that notes, for a Pull, when each message arrives (seconds from t0)."""
 
-    from pdserve.kv_transfer.receiver import KVReceiver
-    from pdserve.server import wire
+    def __init__(self, source, pull: Pull, t0: float) -> None:
+        self.source, self.pull, self.t0 = source, pull, t0
 
-    header = wire.kv_header_from_pb(header_msg)
-    receiver = KVReceiver(rid, prompt, header.fingerprint, header.geometry, torch.bfloat16)
-    receiver.on_header(header)
-    return receiver
+    async def next(self):
+        from pdserve.kv_transfer.receiver import KVHeaderData
+        from pdserve.kv_transfer.transport import KVFirstToken
+
+        msg = await self.source.next()
+        elapsed = time.perf_counter() - self.t0
+        if isinstance(msg, KVHeaderData):
+            self.pull.header_s = elapsed
+        elif isinstance(msg, KVFirstToken):
+            self.pull.first_token_s = elapsed
+            self.pull.num_cached_tokens = msg.num_cached_tokens
+        else:
+            self.pull.first_chunk_s = self.pull.first_chunk_s or elapsed
+            self.pull.chunk_sizes.append(len(msg.k_bytes) + len(msg.v_bytes))
+            self.pull.num_bytes += self.pull.chunk_sizes[-1]
+        return msg
+
+    def abort(self) -> None:
+        self.source.abort()
+
+
+_identity: dict[int, tuple] = {}  # id(stub) -> the prefill daemon's (fingerprint, KV geometry), from a header
 
 
 async def pull_kv(stub, prompt: list[int]) -> Pull:
-    """Pull a prompt's KV through the Prefill stream (a decode daemon's PrefillStub), parsing it as _pull does."""
-    from pdserve.server.wire import KVChunkView
+    """Pull a prompt's KV through the Prefill stream as a decode daemon does (kv_transfer's gRPC
+    source and pull loop, every chunk checked before it counts), writing nowhere."""
+    import asyncio
+
+    import torch
+
+    from pdserve.kv_transfer import transport
+    from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.v1 import prefill_pb2
 
-    rid = uuid.uuid4().hex
-    request = prefill_pb2.PrefillRequest(request=generate_request(rid, prompt))
+    def open_stream():
+        rid = uuid.uuid4().hex
+        return rid, stub.open(prefill_pb2.PrefillRequest(request=generate_request(rid, prompt)), timeout=120)
+
+    if id(stub) not in _identity:  # a decode daemon knows its own; this client reads a header's
+        _, source = open_stream()
+        header = await source.next()
+        source.abort()
+        _identity[id(stub)] = (header.fingerprint, header.geometry)
+    fingerprint, geometry = _identity[id(stub)]
     pull = Pull()
-    receiver = None
     t0 = time.perf_counter()
-    async for msg in stub.Prefill(request, timeout=120):
-        kind = "chunk" if isinstance(msg, KVChunkView) else msg.WhichOneof("kind")
-        if kind == "header":
-            pull.header_s = time.perf_counter() - t0
-            receiver = receiver_for(msg.header, rid, prompt)
-        elif kind == "chunk":
-            if receiver is None:
-                raise RuntimeError("a KV chunk before the header")
-            c = msg if isinstance(msg, KVChunkView) else msg.chunk
-            parts = receiver.on_chunk(c)
-            if not pull.chunk_sizes:
-                pull.first_chunk_s = time.perf_counter() - t0
-            pull.chunk_sizes.append(sum(2 * k.numel() * k.element_size() for _, _, k, _ in parts))
-            pull.num_bytes += pull.chunk_sizes[-1]
-            if pull.num_bytes == receiver.header.num_kv_bytes:
-                pull.transfer_s = time.perf_counter() - t0
-        elif kind == "first_token" and receiver is not None:
-            pull.first_token_s = time.perf_counter() - t0
-            pull.num_cached_tokens = msg.first_token.num_cached_tokens
-            receiver.check_complete()
-    if not pull.first_token_s:
-        raise RuntimeError("the Prefill stream ended early")
+    rid, source = open_stream()
+    receiver = KVReceiver(rid, prompt, fingerprint, geometry, getattr(torch, geometry.dtype))
+
+    def write(parts) -> asyncio.Future:  # checked, then dropped; timed once the last chunk is
+        pull.transfer_s = time.perf_counter() - t0
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    await transport.pull(TimedSource(source, pull, t0), receiver, write, stall_s=120.0)
     return pull
 
 
@@ -394,7 +412,7 @@ def daemon_args(cpu: int, args: argparse.Namespace) -> list[str]:
 
 async def run(args: argparse.Namespace, prefill_address: str, decode_address: str, raw_address: str) -> None:
     from pdserve.server.daemon import channel
-    from pdserve.server.decode import PrefillStub
+    from pdserve.kv_transfer.grpc_stream import PrefillStub
     from pdserve.v1 import decode_pb2_grpc
 
     raw_channel = channel(raw_address)

@@ -71,8 +71,8 @@ from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.host import default_cpu_dtype
 from pdserve.engine.model_loader import LoadedModel, load_model
-from pdserve.engine.model_runner import ScheduledSeq
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
 from pdserve.errors import IncompatibleError, InvalidRequestError
 

@@ -62,12 +62,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pdserve.errors
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.backend import BenchRequest
-from pdserve.bench.backends import PdserveBackend
-from pdserve.bench.runner import run
-from pdserve.bench.stats import RequestRecord, Slo, summarize
-from pdserve.bench.workloads import DEFAULT_TOKEN_RANGE
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.backend import BenchRequest
+from pdserve.loadgen.backends import PdserveBackend
+from pdserve.loadgen.runner import run
+from pdserve.loadgen.stats import RequestRecord, Slo, summarize
+from pdserve.loadgen.workloads import DEFAULT_TOKEN_RANGE
 from pdserve.client import AsyncClient
 from pdserve.cluster import Child, ClusterSpec, LocalCluster
 

@@ -27,10 +27,6 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import FatalError
 
-# Each child is told the launcher's pid, to end with it (server/daemon.py die_with_parent).
-PARENT_PID_ENV = "PDSERVE_PARENT_PID"
-
-
 def file_tail(file, chars: int = 4000) -> str:
     """The last chars bytes of an open file (a daemon's stderr), whatever its position."""
     fd = file.fileno()
@@ -48,6 +44,8 @@ class Child:
     log_lines: list[str] = field(default_factory=list)
 
     def start(self, log_file) -> None:
+        from pdserve.server.daemon import PARENT_PID_ENV  # the child ends with this process
+
         cmd = [sys.executable, "-m", f"pdserve.server.{self.role}", *self.args]
         env = {**(self.env if self.env is not None else os.environ), PARENT_PID_ENV: str(os.getpid())}
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)

@@ -19,12 +19,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from pdserve.args import EXIT_USAGE
 from pdserve.client.client import Client
 from pdserve.client.connect import add_connect_args, connect_kwargs
 from pdserve.client.types import WorkerInfo
 from pdserve.errors import PdserveError
 
-EXIT_USAGE = 2
 ROLES = ("prefill", "decode")
 HEALTH_STYLES = {"healthy": "green", "draining": "yellow", "unhealthy": "red"}
 BAR_WIDTH = 8

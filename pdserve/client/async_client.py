@@ -7,26 +7,25 @@ collection, aclose(), cancelling the task that reads it) cancels the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from pdserve.client.channel import (
     CHANNEL_OPTIONS,
     CLUSTER_SERVICES,
-    GENERATE_SERVICES,
     STATS_SERVICES,
+    GenerateCalls,
     Service,
     auth_metadata,
     check_service,
     deadline,
-    generate_request,
     require,
     rpc_error,
 )
 from pdserve.client.convert import (
-    MessageLike,
     completion_from,
     delta_from_pb,
     result_from_pb,
@@ -35,7 +34,6 @@ from pdserve.client.convert import (
 )
 from pdserve.client.types import Completion, Delta, GenerationResult, WorkerInfo, WorkerStats
 from pdserve.errors import FatalError
-from pdserve.observability.tracing import inject_metadata
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
 
@@ -105,12 +103,14 @@ class AsyncGenerateStream(AsyncIterator[Delta]):
         return None if response is grpc.aio.EOF else response
 
 
-class AsyncClient:
+class AsyncClient(GenerateCalls[AsyncGenerateStream]):
     """asyncio client of a RouterService (default) or, for tests and operators,
     of one daemon's DecodeService ("decode") or PrefillService ("prefill", stats only).
 
     Create it inside the event loop that uses it.
     """
+
+    _stream = AsyncGenerateStream
 
     def __init__(self, address: str, *, timeout: float | None = None, service: Service = "router",
                  api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
@@ -136,79 +136,9 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[MessageLike] | None = None,
-        prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        version: str | None = None,
-    ) -> AsyncGenerateStream:
-        """Starts a generation; `async for` over the returned stream for its `Delta`s.
-
-        Not a coroutine: the call starts at once. Arguments as `Client.generate`.
-        """
-        require(self.service, GENERATE_SERVICES, "generate")
-        sampling: Mapping[str, object] = dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, logprobs=logprobs)
-        request = generate_request(self.service, prompt=prompt, messages=messages,
-                                   prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                   request_id=request_id, version=version)
-        stub = self._router if self.service == "router" else self._decode
-        # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
-        call = stub.Generate(request, timeout=deadline(timeout, self._timeout),
-                             metadata=inject_metadata(self._metadata))
-        return AsyncGenerateStream(call)
-
-    async def complete(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[MessageLike] | None = None,
-        prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        version: str | None = None,
-    ) -> Completion:
-        """Runs a generation to its end; same arguments as `generate`."""
-        async with self.generate(
-            prompt, messages=messages, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout, request_id=request_id, version=version,
-        ) as stream:
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Runs a generation to its end; takes `generate`'s arguments."""
+        async with self.generate(prompt, **kwargs) as stream:
             deltas = [delta async for delta in stream]
         assert stream.result is not None  # a stream that ends cleanly has one, or raised
         return completion_from(deltas, stream.result)

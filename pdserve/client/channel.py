@@ -1,17 +1,19 @@
 """What the sync and async clients share: channel options, target services,
-deadlines, the request each service expects, and gRPC error translation."""
+deadlines, the request each service expects and the `generate` that sends it,
+and gRPC error translation."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from pdserve.client.convert import MessageLike, decode_request_pb, request_pb
 from pdserve.errors import CapacityError, PdserveError
+from pdserve.observability.tracing import inject_metadata
 from pdserve.status import error_from_status
 
 Service = Literal["router", "decode", "prefill"]
@@ -91,3 +93,63 @@ def rpc_error(exc: grpc.RpcError) -> PdserveError:
         if key == "grpc-retry-pushback-ms" and isinstance(error, CapacityError) and value.isdigit():
             error.retry_after_s = int(value) / 1e3  # the server's hint: when trying again makes sense
     return error
+
+
+StreamT = TypeVar("StreamT")
+
+
+class GenerateCalls(Generic[StreamT]):
+    """`generate`, the same for Client and AsyncClient but for the stream type it returns."""
+
+    service: Service
+    _router: Any  # the RouterService and DecodeService stubs of the client's channel
+    _decode: Any
+    _timeout: float | None
+    _metadata: tuple[tuple[str, str], ...]
+    _stream: Callable[[Any], StreamT]  # wraps the started call
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageLike] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        version: str | None = None,
+    ) -> StreamT:
+        """Starts a generation; iterate the returned stream (`async for` on an AsyncClient) for its
+        `Delta`s. Not a coroutine, on either client: the call starts at once.
+
+        Give exactly one of prompt, messages (ChatMessage or {"role", "content"}
+        dicts) and prompt_token_ids. `timeout` (seconds) is the call's gRPC
+        deadline, the client's default if None. Raises the pdserve exception
+        of the call's status.
+        """
+        require(self.service, GENERATE_SERVICES, "generate")
+        sampling: Mapping[str, object] = dict(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, logprobs=logprobs)
+        request = generate_request(self.service, prompt=prompt, messages=messages,
+                                   prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                   request_id=request_id, version=version)
+        stub = self._router if self.service == "router" else self._decode
+        # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
+        call = stub.Generate(request, timeout=deadline(timeout, self._timeout),
+                             metadata=inject_metadata(self._metadata))
+        return self._stream(call)

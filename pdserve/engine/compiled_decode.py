@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata
-from pdserve.engine.gguf_cache import cache_dir
+from pdserve.engine.host import cache_dir
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import DecoderLayer, LlamaModel
 

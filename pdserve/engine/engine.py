@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -26,11 +27,10 @@ from pdserve.engine.logits_cache import PromptLogitsCache
 from pdserve.engine.model_loader import LoadedModel, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
-from pdserve.engine.model_runner import ScheduledSeq
 from pdserve.engine.outputs import OutputProcessor, RequestOutput
 from pdserve.engine.sampling import SampleOutput
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 
@@ -39,6 +39,19 @@ from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 # the call (copy what is kept). Called on the engine thread, layer by layer, while later
 # layers compute.
 KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state between steps, for load reports and metrics (made on the engine thread)."""
+
+    block_size: int = 0
+    kv: KVCacheStats | None = None
+    num_running: int = 0  # decoding or prefilling, plus those whose KV is arriving from elsewhere
+    num_waiting: int = 0
+    # Fraction of the slots in allocated blocks that hold no token (each sequence's last block's tail).
+    kv_fragmentation: float = 0.0
+    batch_fill_rate: float = 0.0  # tokens the last step computed / the step's token budget
 
 
 def _default_kv_gib() -> float:
@@ -167,6 +180,16 @@ class LLMEngine:
 
     def stats(self) -> KVCacheStats:
         return self.kv.stats()
+
+    def snapshot(self) -> EngineSnapshot:
+        stats, s = self.kv.stats(), self.scheduler
+        slots = stats.num_used * self.kv.block_size
+        # Shared prefix blocks count once per sequence, hence the clamp.
+        tokens = sum(seq.num_computed_tokens for seq in s.running)
+        return EngineSnapshot(
+            block_size=self.kv.block_size, kv=stats, num_running=len(s.running) + len(s.remote),
+            num_waiting=len(s.waiting), kv_fragmentation=max(0.0, 1.0 - tokens / slots) if slots else 0.0,
+            batch_fill_rate=self.last_step_tokens / self.config.scheduler.max_num_batched_tokens)
 
     # -- the step ---------------------------------------------------------------
 

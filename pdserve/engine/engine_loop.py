@@ -1,14 +1,20 @@
 """The engine thread: the one owner of an LLMEngine, and the thread-safe door to it.
 
 Callers (a CLI, gRPC handlers on an asyncio loop) never touch the engine: they
-post commands to an inbox and receive each request's outputs through a sink.
-1. submit(): the command queues the request on the engine thread; outputs flow
-   to the request's sink (a queue.Queue for threads, an asyncio.Queue fed with
-   call_soon_threadsafe for the event loop).
-2. The thread drains the inbox, runs one step, dispatches outputs, repeats;
-   with no work it blocks on the inbox (no polling).
+call the typed commands below, each queued to the engine thread and answered
+through a future, and receive each request's outputs through a sink.
+1. Requests: submit() a prompt to prefill and decode here; submit_export() one
+   whose KV goes to a per-request KV sink as it is computed (a prefill worker's);
+   reserve_remote(), write_kv() and complete_remote() import a prompt's KV
+   computed elsewhere and start decoding it (a decode worker's). Outputs flow to
+   the request's sink (a queue.Queue for threads, an asyncio.Queue fed with
+   call_soon_threadsafe for the event loop), on the engine thread.
+2. The thread drains the inbox, runs one step, dispatches outputs, publishes a
+   `snapshot` of the engine's state, repeats; with no work it blocks on the inbox
+   (no polling). Reading `snapshot` never waits for the thread.
 3. abort() and a caller leaving an iterator early free the request's blocks
-   within one step. call(fn) runs fn(engine) on the thread (stats, KV import).
+   within one step. validate_prompt() reads only what never changes: any thread.
+   call(fn) runs fn(engine) on the thread, for tests and tools.
 4. `nice` lowers the engine thread's (and its torch threads') OS priority below the
    caller's threads: in a daemon, KV and tokens in flight on the event loop go
    before compute. On one core a 1024-token KV transfer measured 45 ms at equal
@@ -26,7 +32,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from pdserve.engine.engine import LLMEngine
+import torch
+
+from pdserve.engine.engine import EngineSnapshot, KVExportSink, LLMEngine
 from pdserve.engine.models.llama import LayerHook
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
@@ -44,13 +52,14 @@ class EngineLoop:
         self.engine = engine
         self.layer_hook = layer_hook
         self.nice = nice
-        # Called on the engine thread after every step and every batch of commands (e.g. to
-        # publish the state that metrics and heartbeats read without waiting for the thread).
-        self.on_step: Callable[[LLMEngine], None] | None = None
+        # The engine's state after its last step or batch of commands (one reference swap).
+        self.snapshot: EngineSnapshot = engine.snapshot()
         # Called on the engine thread once, if the engine breaks (a daemon then stops: it cannot serve).
         self.on_failure: Callable[[BaseException], None] | None = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._kv_sinks: dict[str, KVExportSink] = {}  # requests whose KV is exported, by id
+        engine.kv_export_sink = self._export_kv
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._failed: BaseException | None = None
 
@@ -75,18 +84,66 @@ class EngineLoop:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
                output_token_ids: list[int] | None = None) -> Future[None]:
+        """Prefill and decode a request here; output_token_ids resumes one that began elsewhere."""
         def add(engine: LLMEngine) -> None:
             engine.add_request(request_id, prompt_token_ids, params, output_token_ids)
             self._sinks[request_id] = sink
 
         return self.call(add)
 
-    def register_sink(self, request_id: str, sink: Sink) -> None:
-        """Route a request's outputs (one added through call()) to sink; engine thread only."""
-        self._sinks[request_id] = sink
+    def submit_export(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
+                      kv_sink: KVExportSink) -> Future[None]:
+        """Prefill a request whose KV (cached prefix included) goes to kv_sink, on this thread, as
+        each layer computes; outputs go to sink as for submit()."""
+        def add(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt_token_ids, params, export_kv=True)
+            self._sinks[request_id] = sink
+            self._kv_sinks[request_id] = kv_sink
+
+        return self.call(add)
+
+    def num_cached_prefix_tokens(self, prompt_token_ids: list[int]) -> Future[int]:
+        """How many leading tokens of the prompt the prefix cache holds now (nothing reserved)."""
+        return self.call(lambda engine: engine.num_cached_prefix_tokens(prompt_token_ids))
+
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Future[int]:
+        """Reserve blocks for a prompt whose KV comes from elsewhere (CapacityError: no room); the
+        future holds the leading tokens found in the prefix cache, whose KV is not to be written."""
+        return self.call(lambda engine: engine.add_remote_request(request_id, prompt_token_ids, params))
+
+    def write_kv(self, request_id: str, parts: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> Future[None]:
+        """Write a reserved request's KV: (layer, start, k, v) per layer, k/v [Hkv, T, D]."""
+        def write(engine: LLMEngine) -> None:
+            for layer, start, k, v in parts:
+                engine.write_kv(request_id, layer, start, k, v)
+
+        return self.call(write)
+
+    def complete_remote(self, request_id: str, first_token_id: int, sink: Sink) -> Future[None]:
+        """A reserved request's KV is all written and its first token sampled elsewhere: decode it
+        here, its outputs (that first token first) to sink."""
+        def complete(engine: LLMEngine) -> None:
+            self._sinks[request_id] = sink
+            engine.complete_remote_kv(request_id, first_token_id)
+
+        return self.call(complete)
 
     def abort(self, request_id: str) -> None:
         self.call(lambda engine: engine.abort_request(request_id))
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, *,
+                        request_id: str | None = None) -> None:
+        """InvalidRequestError/CapacityError for a prompt this engine can never serve; any thread
+        (it reads only the model's and the cache's sizes)."""
+        self.engine.validate_prompt(prompt_token_ids, params, request_id=request_id)
+
+    def refresh_snapshot(self) -> Future[EngineSnapshot]:
+        """`snapshot` as of every command queued before this one."""
+        def refresh(engine: LLMEngine) -> EngineSnapshot:
+            self.snapshot = engine.snapshot()
+            return self.snapshot
+
+        return self.call(refresh)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  timeout: float | None = None) -> Iterator[RequestOutput]:
@@ -135,20 +192,14 @@ class EngineLoop:
                     return
                 if self.engine.has_work():
                     self._dispatch(self.engine.step(self.layer_hook))
-                if self.on_step is not None:  # after a step, and after commands (an abort while idle)
-                    self._run_on_step()
+                # After a step, and after commands (an abort while idle).
+                self.snapshot = self.engine.snapshot()
         except BaseException as exc:  # the engine is broken: fail every request, loudly
             log.exception("engine thread died")
             self._failed = exc
             self._fail_all(exc)
             if self.on_failure is not None:
                 self.on_failure(exc)
-
-    def _run_on_step(self) -> None:
-        try:
-            self.on_step(self.engine)
-        except Exception:  # an observer must not take the engine down
-            log.exception("on_step callback failed")
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands; wait for one first if block. False on stop."""
@@ -171,11 +222,17 @@ class EngineLoop:
             except queue.Empty:
                 return True
 
+    def _export_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv_sink = self._kv_sinks.get(request_id)
+        if kv_sink is not None:
+            kv_sink(request_id, layer, start, k, v)
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
+                self._kv_sinks.pop(out.request_id, None)
             if sink is not None:
                 sink(out)
 
@@ -184,6 +241,7 @@ class EngineLoop:
             sink(RequestOutput(request_id, [], "", None, finished=True, finish_reason="abort",
                                error=FatalError(f"engine failed: {exc!r}")))
         self._sinks.clear()
+        self._kv_sinks.clear()
         while True:
             try:
                 item = self._inbox.get_nowait()

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pdserve.engine.host import cache_dir
 from pdserve.engine.quantization import (
     GGUF_INT4_TYPES,
     GGUF_INT8_TYPES,
@@ -69,15 +70,6 @@ _GGUF_LINEARS = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def cache_dir() -> pathlib.Path:
-    """Where pdserve caches derived files: $PDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
-    explicit = os.environ.get("PDSERVE_CACHE_DIR")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "pdserve"
 
 
 @dataclass(frozen=True)

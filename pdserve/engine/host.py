@@ -1,4 +1,5 @@
-"""What this host's CPU can do, asked once: native bf16 GEMMs, and the vector ISA.
+"""What this host's CPU can do, asked once: native bf16 GEMMs, and the vector ISA; and where
+pdserve keeps the files it derives (dequantized weights, compiled kernels and graphs).
 
 Hosts differ: Intel with AMX, AMD Zen 5 with AVX512-BF16, older AVX2-only parts (Zen 3).
 oneDNN's prepacked bf16 linear refuses to run without avx512bw/vl/dq or avx_ne_convert,
@@ -10,6 +11,8 @@ default dtype and the prepacked path both follow this answer, never the CPU's na
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 
 import torch
 
@@ -32,3 +35,12 @@ def cpu_capability() -> str:
 def default_cpu_dtype() -> torch.dtype:
     """bf16 where the CPU computes it natively (half the memory, fp32's range), else fp32."""
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cache_dir() -> pathlib.Path:
+    """Where pdserve caches derived files: $PDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
+    explicit = os.environ.get("PDSERVE_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "pdserve"

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pdserve.engine.gguf_cache import GgufCacheEntry, shape_problem
-from pdserve.engine.gguf_cache import cache_dir as cache_dir  # re-exported: callers import it from here
 from pdserve.engine.host import default_cpu_dtype
+from pdserve.engine.models.spec import SUPPORTED_ARCHITECTURES, ModelSpec, unsupported_message
 from pdserve.engine.quantization import (
     LAYER_LINEAR_SUFFIXES,
     QUANTIZATION_VERSION,
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32,
@@ -58,41 +56,6 @@ _DEVICE_TYPES = ("cpu", "cuda")
 # data fits in the windows are hashed whole.
 _SAMPLE_WINDOWS = 64
 _SAMPLE_BYTES = 64 << 10
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything our forward pass needs to know about a decoder-only model."""
-
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    qkv_bias: bool  # q/k/v projections carry a bias (qwen2); o_proj and the MLP never do
-    tie_word_embeddings: bool  # the LM head reuses model.embed_tokens.weight
-    max_position_embeddings: int
-    eos_token_ids: tuple[int, ...]  # any of these ends a sequence
-
-    def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise IncompatibleError(_unsupported_message(self.architecture))
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise InvalidRequestError("model", f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise InvalidRequestError(
-                "model", f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
-        if not self.rms_norm_eps > 0:
-            raise InvalidRequestError("model", f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if any(token_id < 0 for token_id in self.eos_token_ids):
-            raise InvalidRequestError("model", f"negative eos token id in {self.eos_token_ids}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +160,7 @@ def check_supported(config: PretrainedConfig) -> None:
     """Raise IncompatibleError unless our forward pass computes what this config describes."""
     arch = config.model_type
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise IncompatibleError(_unsupported_message(arch))
+        raise IncompatibleError(unsupported_message(arch))
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise IncompatibleError(f"{arch}: hidden_act {act!r} is not supported (only silu)")
@@ -266,7 +229,7 @@ def _load_hf_dir(
     config_json = _read_json(config_path)
     # Refuse from the raw JSON so an unknown model_type fails with our message, not transformers'.
     if config_json.get("model_type") not in SUPPORTED_ARCHITECTURES:
-        raise IncompatibleError(_unsupported_message(config_json.get("model_type")))
+        raise IncompatibleError(unsupported_message(config_json.get("model_type")))
     config, tokenizer = _config_and_tokenizer(directory)
     generation = directory / "generation_config.json"
     # Chat models often list their end-of-turn tokens only in generation_config.json.
@@ -451,9 +414,6 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
         raise InvalidRequestError("model", f"{path} does not hold a JSON object")
     return data
 
-
-def _unsupported_message(arch: object) -> str:
-    return f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -7,8 +7,6 @@ sequence whose step reaches its last token is turned into logits and sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata
@@ -16,19 +14,8 @@ from pdserve.engine.compiled_decode import CompiledDecode
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.sampling import Sampler, SampleOutput, SamplingRow
+from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
-
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    # Tokens computed this step, from seq.num_computed_tokens on.
-    num_new_tokens: int
-
-    @property
-    def completes(self) -> bool:
-        """Whether this step reaches the sequence's last token (so it samples)."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 class ModelRunner:

@@ -19,8 +19,19 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.model_runner import ScheduledSeq
 from pdserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    # Tokens computed this step, from seq.num_computed_tokens on.
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether this step reaches the sequence's last token (so it samples)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass(slots=True)

@@ -7,8 +7,9 @@ A range longer than one chunk holds is cut into chunks of at most
 max_chunk_bytes, one layer each; a shorter one is sent for several consecutive
 layers in one chunk, as many as fit (always ending a chunk at the last layer):
 fewer, larger messages cost less per byte on both sides. Chunks are numbered
-from 0 without gaps and posted to the request's queue on the event loop, where
-the Prefill handler streams them.
+from 0 without gaps and handed to the request's outlet, `post` (called on the
+engine thread): a `KVOutbox`, which the Prefill handler streams from on the
+event loop, or the in-process transport.
 With an `encode` function (the transport's message encoder) each chunk is posted
 as its encoded message, made here on the engine thread: the event loop, which
 paces the stream, then only hands bytes to the transport. Without one the chunk
@@ -21,7 +22,9 @@ into the message; posted unencoded, they are copied first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -58,16 +61,15 @@ ChunkEncoder = Callable[[KVChunkData], bytes]
 
 
 class KVSender:
-    def __init__(self, request_id: str, geometry: KVGeometry, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue, max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    def __init__(self, request_id: str, geometry: KVGeometry, post: Callable[[KVChunkData | bytes], None],
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES,
                  encode: ChunkEncoder | None = None, num_skipped_tokens: int = 0) -> None:
         self.request_id = request_id
         self.num_skipped_tokens = num_skipped_tokens  # leading tokens the receiver has: not sent
         self.chunk_tokens = geometry.chunk_tokens(max_chunk_bytes)
         self.num_layers = geometry.num_layers
         self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (layer, start, k, v) to group
-        self._loop = loop
-        self._queue = queue
+        self._post = post
         self._encode = encode
         self.num_chunks = 0  # chunks posted so far; the next one's sequence number
         self.num_bytes = 0
@@ -87,7 +89,7 @@ class KVSender:
         if num_tokens > self.chunk_tokens // 2:  # one layer's range fills a chunk, or more: cut it
             for lo in range(0, num_tokens, self.chunk_tokens):
                 hi = min(lo + self.chunk_tokens, num_tokens)
-                self._post(layer, start + lo, start + hi, [(k[:, lo:hi], v[:, lo:hi])])
+                self._emit(layer, start + lo, start + hi, [(k[:, lo:hi], v[:, lo:hi])])
             return
         self._pending.append((layer, start, k, v))
         if len(self._pending) == self.chunk_tokens // num_tokens or layer == self.num_layers - 1:
@@ -96,10 +98,10 @@ class KVSender:
     def _flush(self) -> None:
         if self._pending:
             first, start, k, _ = self._pending[0]
-            self._post(first, start, start + k.shape[1], [(k, v) for _, _, k, v in self._pending])
+            self._emit(first, start, start + k.shape[1], [(k, v) for _, _, k, v in self._pending])
             self._pending = []
 
-    def _post(self, layer: int, start: int, end: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _emit(self, layer: int, start: int, end: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         parts = [(k.cpu(), v.cpu()) for k, v in kv]
         if self._encode is None:  # kept past this step: a copy of the engine's memory
             parts = [(k.clone(), v.clone()) for k, v in parts]
@@ -108,4 +110,33 @@ class KVSender:
         self.num_chunks += 1
         self.num_bytes += chunk.num_bytes
         item = chunk if self._encode is None else self._encode(chunk)
+        self._post(item)
+
+
+class KVOutbox:
+    """The event-loop end of one request's sending side: what the engine thread posts, in order.
+
+    `post` (any thread) takes the sender's chunks, encoded or not, and then the request's end
+    (its output); `chunks()` yields the chunks as they come and stops at the end, kept in `end`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.end: Any = None
+        self.first_sent: float | None = None  # monotonic times the first and the last chunk were sent
+        self.last_sent = 0.0
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def post(self, item: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def chunks(self) -> AsyncIterator[KVChunkData | bytes]:
+        while isinstance(item := await self._queue.get(), (KVChunkData, bytes)):
+            yield item  # the consumer resumes this once it has sent the chunk
+            self.last_sent = time.monotonic()
+            self.first_sent = self.first_sent or self.last_sent
+        self.end = item
+
+    @property
+    def send_ms(self) -> float:
+        return (self.last_sent - self.first_sent) * 1e3 if self.first_sent else 0.0

@@ -28,7 +28,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.allocator import tune_malloc
-from pdserve.cluster import PARENT_PID_ENV
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.server.malformed import MalformedRequestInterceptor
@@ -57,6 +56,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
 ]
+
+# A launcher (LocalCluster) puts its pid here, for the daemon to end with it (die_with_parent).
+PARENT_PID_ENV = "PDSERVE_PARENT_PID"
 
 
 def setup_logging(role: str) -> None:

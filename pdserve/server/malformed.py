@@ -14,6 +14,8 @@ import grpc
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf.message import DecodeError
 
+from pdserve.kv_transfer.codec import read_varint
+
 
 @dataclass(frozen=True)
 class Malformed:
@@ -50,20 +52,6 @@ def bad_utf8_field(desc: pb_descriptor.Descriptor, data: bytes, prefix: str = ""
         else:
             return None
     return None
-
-
-def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """The protobuf varint at data[pos:], and the position after it; DecodeError when truncated."""
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise DecodeError("truncated varint")
-        byte = data[pos]
-        result |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
 
 
 def _safe_deserializer(deserialize, desc: pb_descriptor.Descriptor | None):

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.args import add_engine_args
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.errors import PdserveError
+from pdserve.kv_transfer.codec import fingerprint_str
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.observability.metrics import Metrics, WorkerState
 from pdserve.preprocess import load_preprocessor
@@ -43,15 +45,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     p.add_argument("--preprocess-config", default=None,
                    help='JSON {"chat_template", "version"}; re-read on SIGHUP (default: the model\'s own)')
     p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--quantization", choices=("int4", "int8"), default=None,
-                   help="weight-only int4 | int8 decoder linears, int8 LM head (CPU only; default: dense)")
-    p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
-                   help="decode steps of up to N sequences run a torch.compile'd layer, "
-                        "compiled at start-up (CPU; 0: eager)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    add_engine_args(p)
     p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0 or 0-1")
     p.add_argument("--kv-cache-gib", type=float, default=default_kv_gib)
     p.add_argument("--block-size", type=int, default=16)
@@ -95,16 +89,13 @@ class Worker:
         self.preprocess_config = preprocess_config
         self.preprocessor = load_preprocessor(engine.tokenizer, preprocess_config)
         self.metrics = metrics or Metrics(self.role_name)
-        self._state = WorkerState()
-        self.metrics.set_state_callback(lambda: self._state)
         self.loop = EngineLoop(engine, nice=engine_nice)
-        self.loop.on_step = self._publish_state
-        self._publish_state(engine)  # before the engine thread starts: the first registration's load
+        self.metrics.set_state_callback(self._state)
         self.loop.start()
         self.worker_id = worker_id or f"{self.role_name}-{uuid.uuid4().hex[:8]}"
         fp = engine.loaded.fingerprint
         self.fingerprint_pb = wire.fingerprint_to_pb(fp)
-        self.fingerprint = wire.fingerprint_str(self.fingerprint_pb)
+        self.fingerprint = fingerprint_str(self.fingerprint_pb)
         self.layout_pb = wire.layout_to_pb(engine.spec, engine.dtype)
         self.geometry = KVGeometry(engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
                                    self.layout_pb.dtype)
@@ -114,14 +105,14 @@ class Worker:
         self.on_grace_end: list[Callable[[], None]] = []
 
     def load(self) -> common_pb2.WorkerLoad:
-        """The load the router sees, from the state the engine thread published after its last
+        """The load the router sees, from the snapshot the engine thread published after its last
         step or commands. Never waits for the engine thread: a step can take seconds (a 2048-token
         fp32 prefill took 5 s on 2 cores), and a heartbeat that waited for it came after the
         router's patience (3 heartbeats) and got a busy worker declared dead."""
-        s = self._state
-        kv = common_pb2.KVStats(block_size=self.engine.kv.block_size, num_total=s.kv_blocks_total,
-                                num_free=s.kv_blocks_total - s.kv_blocks_used, num_used=s.kv_blocks_used,
-                                num_cached=s.kv_blocks_cached, prefix_cache_hit_rate=s.prefix_cache_hit_rate)
+        s = self.loop.snapshot
+        kv = common_pb2.KVStats(block_size=s.block_size, num_total=s.kv.num_total, num_free=s.kv.num_free,
+                                num_used=s.kv.num_used, num_cached=s.kv.num_cached,
+                                prefix_cache_hit_rate=s.kv.prefix_hit_rate)
         recent = self.metrics.recent.summary()
         return common_pb2.WorkerLoad(num_running_requests=s.num_running, num_waiting_requests=s.num_waiting,
                                      num_pending_prefill_tokens=self.pending_prefill_tokens, kv=kv,
@@ -140,25 +131,19 @@ class Worker:
         old, self.preprocessor = self.preprocessor, new
         log.info("preprocessing reloaded: version %s -> %s", old.version, new.version)
 
-    def _publish_state(self, engine: LLMEngine) -> None:
-        """Engine thread, after each step: the state the metrics endpoint reads (one reference swap)."""
-        stats, s = engine.stats(), engine.scheduler
-        slots = stats.num_used * engine.kv.block_size
-        # Allocated slots that hold no token: the tail of each sequence's last block (shared
-        # prefix blocks count once per sequence, hence the clamp).
-        tokens = sum(seq.num_computed_tokens for seq in s.running)
-        self._state = WorkerState(
-            kv_blocks_total=stats.num_total, kv_blocks_used=stats.num_used, kv_blocks_cached=stats.num_cached,
-            kv_fragmentation=max(0.0, 1.0 - tokens / slots) if slots else 0.0,
-            prefix_cache_hit_rate=stats.prefix_hit_rate,
-            preprocess_cache_hit_rate=self.preprocessor.cache.hit_rate,
-            batch_fill_rate=engine.last_step_tokens / engine.config.scheduler.max_num_batched_tokens,
-            num_running=len(s.running) + len(s.remote), num_waiting=len(s.waiting))
+    def _state(self) -> WorkerState:
+        """What the metrics endpoint shows, from the engine's last snapshot."""
+        s = self.loop.snapshot
+        return WorkerState(
+            kv_blocks_total=s.kv.num_total, kv_blocks_used=s.kv.num_used, kv_blocks_cached=s.kv.num_cached,
+            kv_fragmentation=s.kv_fragmentation, prefix_cache_hit_rate=s.kv.prefix_hit_rate,
+            preprocess_cache_hit_rate=self.preprocessor.cache.hit_rate, batch_fill_rate=s.batch_fill_rate,
+            num_running=s.num_running, num_waiting=s.num_waiting)
 
     async def stats_response(self) -> common_pb2.StatsResponse:
         # Exact, after every command queued before it (tests and `pdserve top` read it): it waits
         # for the engine thread, which heartbeats must not.
-        await asyncio.wrap_future(self.loop.call(self._publish_state))
+        await asyncio.wrap_future(self.loop.refresh_snapshot())
         return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=self.load())
 
     def close(self) -> None:

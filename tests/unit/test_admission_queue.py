@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pdserve.errors import CapacityError, DeadlineError
-from pdserve.router.admission import Admission
+from pdserve.routing.admission import Admission
 
 
 def run(coro):

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from pdserve.bench import report, runner, stats
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.backend import BenchRequest
-from pdserve.bench.cli import report_run
-from pdserve.bench.stats import RequestRecord, Slo, summarize
-from pdserve.bench.workloads import WorkloadSpec, build, chat_conversations
+from pdserve.loadgen import report, runner, stats
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.backend import BenchRequest
+from pdserve.loadgen.cli import report_run
+from pdserve.loadgen.stats import RequestRecord, Slo, summarize
+from pdserve.loadgen.workloads import WorkloadSpec, build, chat_conversations
 
 
 class FakeServer:
@@ -169,7 +169,7 @@ def test_time_limit_fails_what_is_left_instead_of_hanging():
 
 
 def test_llama_server_backend_counts_tokens_from_a_chunked_event_stream():
-    from pdserve.bench.backends import LlamaServerBackend
+    from pdserve.loadgen.backends import LlamaServerBackend
 
     events = [None, {"content": "a", "tokens": [5], "tokens_predicted": 1, "stop": False},
               {"content": "\u00e9", "tokens": [7], "tokens_predicted": 3, "stop": False},  # two tokens, one event

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from pdserve.bench.backend import BenchRequest
-from pdserve.bench.hf_backend import HFBackend
+from pdserve.loadgen.backend import BenchRequest
+from pdserve.loadgen.hf_backend import HFBackend
 from tests.factories import tiny_tokenizer
 
 PROMPTS = ((5, 17, 42, 99, 7), (300, 12, 64))

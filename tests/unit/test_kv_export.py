@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
 
 from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.codec import kv_chunk_response
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
-from pdserve.server import wire
 from pdserve.v1 import prefill_pb2
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=3, head_dim=4, dtype="bfloat16")
@@ -45,23 +44,17 @@ def test_export_view_equals_read_and_shares_memory_only_when_blocks_are_consecut
 def sent(encode) -> tuple[list, torch.Tensor]:
     """Chunks a KVSender posts for one layer of cache views, the views overwritten right after on_kv."""
     cache = filled_cache()
-    loop = asyncio.new_event_loop()
-    try:
-        queue: asyncio.Queue = asyncio.Queue()
-        sender = KVSender("r", GEOMETRY, loop, queue, max_chunk_bytes=2 * 5 * GEOMETRY.bytes_per_token,
-                          encode=encode)
-        k, v = cache.export_view(0, [2, 3, 4], 0, 12)
-        expected = k.clone()
-        sender.on_kv(0, 0, k, v)
-        cache.k[0].zero_()  # the engine moves on: the views' memory is reused
-        loop.run_until_complete(asyncio.sleep(0))
-        return [queue.get_nowait() for _ in range(queue.qsize())], expected
-    finally:
-        loop.close()
+    posted: list = []
+    sender = KVSender("r", GEOMETRY, posted.append, max_chunk_bytes=2 * 5 * GEOMETRY.bytes_per_token, encode=encode)
+    k, v = cache.export_view(0, [2, 3, 4], 0, 12)
+    expected = k.clone()
+    sender.on_kv(0, 0, k, v)
+    cache.k[0].zero_()  # the engine moves on: the views' memory is reused
+    return posted, expected
 
 
 def test_chunks_encoded_on_the_engine_thread_are_the_messages_of_the_original_kv():
-    items, expected = sent(wire.kv_chunk_response)
+    items, expected = sent(kv_chunk_response)
     assert all(isinstance(item, bytes) for item in items)
     chunks = [prefill_pb2.PrefillResponse.FromString(item).chunk for item in items]
     assert [(c.sequence_number, c.token_start, c.token_end) for c in chunks] == [(0, 0, 5), (1, 5, 10), (2, 10, 12)]

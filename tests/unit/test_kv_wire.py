@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
@@ -10,10 +9,10 @@ import torch
 import xxhash
 
 from pdserve.errors import IncompatibleError, KVTransferError
+from pdserve.kv_transfer import codec
 from pdserve.kv_transfer.protocol import WIRE_VERSION, KVGeometry
 from pdserve.kv_transfer.receiver import KVHeaderData, KVReceiver
 from pdserve.kv_transfer.sender import KVChunkData, KVSender
-from pdserve.server import wire
 from pdserve.v1 import prefill_pb2
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=3, head_dim=4, dtype="bfloat16")
@@ -41,7 +40,7 @@ def test_hand_encoding_is_byte_identical_to_protobufs(rid, seq, layer, start, nu
     assert k.is_contiguous() == contiguous and not v.is_contiguous()
     more = tuple((k + i, v - i) for i in range(1, num_layers))
     c = KVChunkData(rid, seq, layer, start, start + num_tokens, k, v, more)
-    encoded = wire.kv_chunk_response(c)
+    encoded = codec.kv_chunk_response(c)
     assert encoded == protobuf_encoding(c)
     parsed = prefill_pb2.PrefillResponse.FromString(encoded).chunk
     assert parsed.k_bytes[: len(parsed.k_bytes) // num_layers] == k.contiguous().view(torch.int16).numpy().tobytes()
@@ -50,18 +49,12 @@ def test_hand_encoding_is_byte_identical_to_protobufs(rid, seq, layer, start, nu
 
 def run_sender(max_chunk_bytes: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[KVChunkData]:
     """Each layer's KV through a KVSender, as the engine thread hands it over; the queued chunks."""
-    loop = asyncio.new_event_loop()
-    try:
-        queue: asyncio.Queue = asyncio.Queue()
-        sender = KVSender("r", GEOMETRY, loop, queue, max_chunk_bytes)
-        for layer, (k, v) in enumerate(kv):
-            sender.on_kv(layer, 0, k, v)
-        loop.run_until_complete(asyncio.sleep(0))  # run the posted puts
-        chunks = [queue.get_nowait() for _ in range(queue.qsize())]
-        assert sender.num_bytes == GEOMETRY.total_bytes(kv[0][0].shape[1])
-        return chunks
-    finally:
-        loop.close()
+    chunks: list[KVChunkData] = []
+    sender = KVSender("r", GEOMETRY, chunks.append, max_chunk_bytes)
+    for layer, (k, v) in enumerate(kv):
+        sender.on_kv(layer, 0, k, v)
+    assert sender.num_bytes == GEOMETRY.total_bytes(kv[0][0].shape[1])
+    return chunks
 
 
 def receiver(prompt: list[int]) -> KVReceiver:
@@ -84,8 +77,8 @@ def test_chunks_cut_grouped_encoded_and_parsed_rebuild_each_layer(max_chunk_byte
     r = receiver(prompt)
     got: dict[int, list] = {}
     for c in chunks:
-        msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(c))
-        assert isinstance(msg, wire.KVChunkView)
+        msg = codec.prefill_response_from_bytes(codec.kv_chunk_response(c))
+        assert isinstance(msg, codec.KVChunkView)
         for layer, start, k, v in r.on_chunk(msg):
             assert k.shape == (3, msg.token_end - msg.token_start, 4)
             got.setdefault(layer, []).append((start, k, v))
@@ -99,7 +92,7 @@ def test_chunks_cut_grouped_encoded_and_parsed_rebuild_each_layer(max_chunk_byte
 def test_receiver_refuses_a_chunk_with_the_wrong_byte_count_or_layers():
     r = receiver(list(range(4)))
     k = torch.zeros(3, 4, 4, dtype=torch.bfloat16)
-    msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k)))
+    msg = codec.prefill_response_from_bytes(codec.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k)))
     with pytest.raises(KVTransferError, match="bytes"):
         r.on_chunk(dataclasses.replace(msg, token_end=3))  # 4 tokens of bytes for a 3-token range
     with pytest.raises(KVTransferError, match="bytes"):
@@ -115,7 +108,7 @@ def test_receiver_refuses_a_chunk_with_the_wrong_byte_count_or_layers():
 def test_receiver_refuses_a_payload_that_does_not_match_its_checksum(field, position):
     r = receiver(list(range(4)))
     k = torch.randn(3, 4, 4).to(torch.bfloat16)
-    msg = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k * 2)))
+    msg = codec.prefill_response_from_bytes(codec.kv_chunk_response(KVChunkData("r", 0, 0, 0, 4, k, k * 2)))
     damaged = bytearray(getattr(msg, field))
     damaged[position] ^= 0x10
     with pytest.raises(KVTransferError, match="checksum"):
@@ -131,9 +124,9 @@ def test_receiver_refuses_a_payload_that_does_not_match_its_checksum(field, posi
 def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
     k = torch.randn(3, 5, 4).to(torch.bfloat16)
     c = KVChunkData("req", 7, 1, 10, 15, k, k * 2)
-    encoded = wire.kv_chunk_response(c)
-    view = wire.prefill_response_from_bytes(encoded)
-    assert isinstance(view, wire.KVChunkView)
+    encoded = codec.kv_chunk_response(c)
+    view = codec.prefill_response_from_bytes(encoded)
+    assert isinstance(view, codec.KVChunkView)
     expected = prefill_pb2.PrefillResponse.FromString(encoded).chunk
     assert expected.checksum != 0
     for name in ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes",
@@ -141,22 +134,22 @@ def test_decoder_views_chunks_and_hands_everything_else_to_protobuf():
         assert bytes(getattr(view, name)) == bytes(getattr(expected, name)) if name.endswith("bytes") \
             else getattr(view, name) == getattr(expected, name)
     first = prefill_pb2.PrefillResponse(first_token=prefill_pb2.FirstToken(request_id="req", token_id=3))
-    assert wire.prefill_response_from_bytes(first.SerializeToString()) == first
-    zeros = wire.prefill_response_from_bytes(wire.kv_chunk_response(KVChunkData("", 0, 0, 0, 1, k[:, :1], k[:, :1])))
+    assert codec.prefill_response_from_bytes(first.SerializeToString()) == first
+    zeros = codec.prefill_response_from_bytes(codec.kv_chunk_response(KVChunkData("", 0, 0, 0, 1, k[:, :1], k[:, :1])))
     assert (zeros.request_id, zeros.sequence_number, zeros.token_start, zeros.token_end) == ("", 0, 0, 1)
 
 
 def test_decoder_leaves_unusual_chunks_to_protobuf():
     k = torch.zeros(3, 2, 4, dtype=torch.bfloat16)
-    encoded = wire.kv_chunk_response(KVChunkData("r", 1, 0, 0, 2, k, k))
+    encoded = codec.kv_chunk_response(KVChunkData("r", 1, 0, 0, 2, k, k))
     assert encoded[1] < 0x80  # a one-byte length: the chunk's body starts at offset 2
     # An unknown field (number 15, varint) appended inside the chunk: protobuf keeps it, we do not guess.
     body = encoded[2:] + bytes([15 << 3, 1])
     with_unknown = bytes([encoded[0], len(body)]) + body
-    parsed = wire.prefill_response_from_bytes(with_unknown)
+    parsed = codec.prefill_response_from_bytes(with_unknown)
     assert isinstance(parsed, prefill_pb2.PrefillResponse) and parsed.chunk.sequence_number == 1
     with pytest.raises(Exception, match="(?i)pars|decod|truncat"):
-        wire.prefill_response_from_bytes(encoded[:-5])  # truncated: protobuf's error, not a silent short chunk
+        codec.prefill_response_from_bytes(encoded[:-5])  # truncated: protobuf's error, not a silent short chunk
 
 
 def test_receiver_refuses_another_wire_version():
@@ -170,18 +163,12 @@ def test_skipped_tokens_are_left_out_and_the_receiver_expects_exactly_that(max_c
     prompt, skip = list(range(10)), 4
     kv = [(torch.randn(3, 10, 4).to(torch.bfloat16), torch.randn(3, 10, 4).to(torch.bfloat16))
           for _ in range(GEOMETRY.num_layers)]
-    loop = asyncio.new_event_loop()
-    try:
-        queue: asyncio.Queue = asyncio.Queue()
-        sender = KVSender("r", GEOMETRY, loop, queue, max_chunk_bytes, num_skipped_tokens=skip)
-        for layer, (k, v) in enumerate(kv):  # as the engine exports a cached prefix: [0, 6), then [6, 10)
-            sender.on_kv(layer, 0, k[:, :6], v[:, :6])
-        for layer, (k, v) in enumerate(kv):
-            sender.on_kv(layer, 6, k[:, 6:], v[:, 6:])
-        loop.run_until_complete(asyncio.sleep(0))
-        chunks = [queue.get_nowait() for _ in range(queue.qsize())]
-    finally:
-        loop.close()
+    chunks: list[KVChunkData] = []
+    sender = KVSender("r", GEOMETRY, chunks.append, max_chunk_bytes, num_skipped_tokens=skip)
+    for layer, (k, v) in enumerate(kv):  # as the engine exports a cached prefix: [0, 6), then [6, 10)
+        sender.on_kv(layer, 0, k[:, :6], v[:, :6])
+    for layer, (k, v) in enumerate(kv):
+        sender.on_kv(layer, 6, k[:, 6:], v[:, 6:])
     assert sender.num_bytes == GEOMETRY.total_bytes(len(prompt) - skip)
     header = KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, sender.num_bytes, skip)
     with pytest.raises(KVTransferError, match="skips 4 leading tokens, 0 were asked"):
@@ -190,7 +177,7 @@ def test_skipped_tokens_are_left_out_and_the_receiver_expects_exactly_that(max_c
     r.on_header(header)
     got: dict[int, list] = {}
     for c in chunks:
-        for layer, start, k, v in r.on_chunk(wire.prefill_response_from_bytes(wire.kv_chunk_response(c))):
+        for layer, start, k, v in r.on_chunk(codec.prefill_response_from_bytes(codec.kv_chunk_response(c))):
             got.setdefault(layer, []).append((start, k, v))
     r.check_complete()
     for layer, (k, v) in enumerate(kv):

@@ -12,17 +12,16 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
 from pdserve.engine import gguf_cache, model_loader
-from pdserve.engine.host import default_cpu_dtype
+from pdserve.engine.host import cache_dir, default_cpu_dtype
 from pdserve.engine.model_loader import (
     Fingerprint,
-    ModelSpec,
-    cache_dir,
     default_model_path,
     dtype_name,
     load_model,
     resolve_dtype,
     weight_shapes,
 )
+from pdserve.engine.models.spec import ModelSpec
 from pdserve.errors import IncompatibleError, InvalidRequestError, NotFoundError
 from tests.factories import (
     ARCHS,

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdserve.errors import UnavailableError
-from pdserve.router.placement import Placer, decode_score, prefill_score
-from pdserve.router.registry import Health, Load, Registry, Role, Worker, WorkerInfo
+from pdserve.routing.placement import Placer, decode_score, prefill_score
+from pdserve.routing.registry import Health, Load, Registry, Role, Worker, WorkerInfo
 
 BLOCK = 16
 

@@ -3,8 +3,8 @@ placement that follows a conversation to the worker holding it unless that worke
 
 from __future__ import annotations
 
-from pdserve.router.prefix_affinity import BLOCK_BYTES, MIN_KEYS_PER_WORKER, PrefixIndex, block_keys
-from pdserve.router.registry import Role
+from pdserve.routing.prefix_affinity import BLOCK_BYTES, MIN_KEYS_PER_WORKER, PrefixIndex, block_keys
+from pdserve.routing.registry import Role
 from tests.unit.test_placement import Cluster, decode_load, prefill_load
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.errors import InvalidRequestError
-from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
+from pdserve.routing.registry import Health, Load, Registry, Role, WorkerInfo
 
 
 class FakeClock:

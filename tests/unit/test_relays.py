@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pdserve.router.registry import Load, Registry, Role
-from pdserve.router.relays import Relays
+from pdserve.routing.registry import Load, Registry, Role
+from pdserve.routing.relays import Relays
 from tests.unit.test_registry import FakeClock, make_info
 
 

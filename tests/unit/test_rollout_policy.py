@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pdserve.errors import InvalidRequestError
-from pdserve.router.rollout import Rollout
+from pdserve.routing.rollout import Rollout
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

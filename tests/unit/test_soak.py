@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.stats import RequestRecord
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.stats import RequestRecord
 
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 _spec = importlib.util.spec_from_file_location("bench_soak", _PATH)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.cpp_extension
 
-from pdserve.engine.gguf_cache import cache_dir
+from pdserve.engine.host import cache_dir
 
 logger = logging.getLogger(__name__)
 

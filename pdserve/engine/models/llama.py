@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.kv_cache import KVCache, write_kv
-from pdserve.engine.model_loader import ModelSpec
 from pdserve.engine.models.layers import AnyLinear, RotaryEmbedding, make_linear, rms_norm
+from pdserve.engine.models.spec import ModelSpec
 from pdserve.engine.quantization import QuantizedWeight, concat_rows
 
 # Called after a layer's K/V of this step are in the cache (layer-wise KV streaming).

@@ -15,9 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.backend import Backend, BenchRequest
-from pdserve.bench.stats import RequestRecord
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.backend import Backend, BenchRequest
+from pdserve.loadgen.stats import RequestRecord
 
 
 async def run(backend: Backend, requests: Sequence[BenchRequest], arrivals: Arrivals, *,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pdserve.router.registry import Registry
+from pdserve.routing.registry import Registry
 
 log = logging.getLogger("pdserve.router")
 

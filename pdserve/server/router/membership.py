@@ -3,7 +3,7 @@ the registry's upkeep (silent workers expired, static workers polled for their l
 
 Workers register with their role, address, model fingerprint, preprocessing version and KV
 layout, then heartbeat their load; `maintain` runs once per heartbeat interval. This module
-turns those messages into the registry's plain types (`pdserve.router.registry`) and back.
+turns those messages into the registry's plain types (`pdserve.routing.registry`) and back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 import grpc
 
 from pdserve.errors import InvalidRequestError
-from pdserve.router.registry import Health, Load, Registry, Role, WorkerInfo
+from pdserve.kv_transfer.codec import fingerprint_str
+from pdserve.routing.registry import Health, Load, Registry, Role, WorkerInfo
 from pdserve.server import daemon, wire
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2
 
@@ -60,7 +61,7 @@ class Membership:
         role = _ROLES.get(request.role)
         if role is None:
             raise InvalidRequestError("role", "must be prefill or decode")
-        info = WorkerInfo(role, request.address, wire.fingerprint_str(request.model),
+        info = WorkerInfo(role, request.address, fingerprint_str(request.model),
                           request.preprocessing_version or None, wire.layout_str(request.kv_layout),
                           request.version)
         worker_id = self.registry.register(request.worker_id or None, info, load_from_pb(request.load))

@@ -14,10 +14,10 @@ import shlex
 import sys
 from dataclasses import asdict
 
-from pdserve.bench.arrivals import Arrivals
-from pdserve.bench.backend import Backend, BenchRequest
-from pdserve.bench.stats import RequestRecord, Slo, summarize
-from pdserve.bench.workloads import DEFAULT_TOKEN_RANGE, WORKLOADS, WorkloadSpec, build
+from pdserve.loadgen.arrivals import Arrivals
+from pdserve.loadgen.backend import Backend, BenchRequest
+from pdserve.loadgen.stats import RequestRecord, Slo, summarize
+from pdserve.loadgen.workloads import DEFAULT_TOKEN_RANGE, WORKLOADS, WorkloadSpec, build
 from pdserve.client.connect import add_connect_args, connect_kwargs
 
 
@@ -93,7 +93,7 @@ def warmup_requests(spec: WorkloadSpec, n: int) -> list[BenchRequest]:
 async def measure(backend: Backend, requests: list[BenchRequest], arrival: Arrivals, *,
                   warmup: list[BenchRequest], label: str, progress: bool,
                   time_limit_s: float | None = None) -> list[RequestRecord]:
-    from pdserve.bench.runner import run
+    from pdserve.loadgen.runner import run
 
     await backend.start()
     try:
@@ -120,11 +120,11 @@ def run_bench(args: argparse.Namespace) -> int:
         elif args.router:
             backend, default_label = _pdserve(args.router, **connect_kwargs(args)), "pdserve"
         elif args.llama_server:
-            from pdserve.bench.backends import LlamaServerBackend
+            from pdserve.loadgen.backends import LlamaServerBackend
 
             backend, default_label = LlamaServerBackend(args.llama_server), "llama-server"
         else:
-            from pdserve.bench.hf_backend import HFBackend
+            from pdserve.loadgen.hf_backend import HFBackend
 
             backend, default_label = HFBackend(args.transformers or None), "transformers"
         label = args.label or default_label
@@ -142,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def report_run(summaries: dict[str, dict], runs: dict[str, list[RequestRecord]], json_path: str | None,
                plot_path: str | None, extra: dict | None = None, ratios: dict | None = None) -> None:
-    from pdserve.bench import report
+    from pdserve.loadgen import report
 
     print(report.table(summaries))
     if ratios:
@@ -161,10 +161,10 @@ def report_run(summaries: dict[str, dict], runs: dict[str, list[RequestRecord]],
 
 def start_cluster(up_flags: str):
     """A LocalCluster from `pdserve up` flags (router on a free port unless --port says otherwise)."""
-    from pdserve.cli import _Parser, add_up_args, cluster_spec
+    from pdserve.args import Parser, add_up_args, cluster_spec
     from pdserve.cluster import LocalCluster
 
-    p = _Parser(prog="pdserve bench --up")
+    p = Parser(prog="pdserve bench --up")
     add_up_args(p, port=0)
     spec = cluster_spec(p.parse_args(shlex.split(up_flags)))
     print(f"starting a local cluster: {up_flags}", file=sys.stderr)
@@ -172,6 +172,6 @@ def start_cluster(up_flags: str):
 
 
 def _pdserve(address: str, **connect):
-    from pdserve.bench.backends import PdserveBackend
+    from pdserve.loadgen.backends import PdserveBackend
 
     return PdserveBackend(address, **connect)

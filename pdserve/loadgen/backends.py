@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from pdserve.bench.backend import BenchRequest
+from pdserve.loadgen.backend import BenchRequest
 
 
 class PdserveBackend:

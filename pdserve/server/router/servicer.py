@@ -2,10 +2,10 @@
 
 Request lifecycle (one RouterService.Generate stream):
 1. cheap validation (sampling parameters, an input present); a request id assigned;
-2. admission (`pdserve.router.admission`): at most --max-inflight requests in the
+2. admission (`pdserve.routing.admission`): at most --max-inflight requests in the
    cluster, up to --max-queue more wait; beyond, RESOURCE_EXHAUSTED with a retry hint;
-3. placement (`pdserve.router.placement`): a decode worker by KV room and load, or
-   one holding the prompt's prefix (`pdserve.router.prefix_affinity`), and its ordered
+3. placement (`pdserve.routing.placement`): a decode worker by KV room and load, or
+   one holding the prompt's prefix (`pdserve.routing.prefix_affinity`), and its ordered
    prefill candidates, from the load the workers report; when every
    decode worker is unhealthy for now (missed heartbeats, a restart), the request waits
    for one, at most --placement-wait-s;
@@ -20,11 +20,11 @@ Request lifecycle (one RouterService.Generate stream):
    next one; the client sees one stream. At most --migration-limit moves per request.
    Any other error after the first token ends the stream with its status. A decode
    worker that drains (SIGTERM) ends what it cannot finish in its grace period the same way,
-   and one that freezes (missed heartbeats and a silent stream, `pdserve.router.relays`)
+   and one that freezes (missed heartbeats and a silent stream, `pdserve.routing.relays`)
    is treated as dead.
 7. a client that stops reading (`pdserve.server.streams`): past --slow-reader-timeout-s
    the decode call is cancelled, freeing its blocks, and the stream ends RESOURCE_EXHAUSTED.
-Workers register and heartbeat here (`pdserve.server.membership`); a worker that misses
+Workers register and heartbeat here (`pdserve.server.router.membership`); a worker that misses
 heartbeats is not placed on.
 """
 
@@ -42,36 +42,34 @@ import uuid
 import grpc
 
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
-from pdserve.router.admission import Admission
-from pdserve.router.placement import Placement, Placer
-from pdserve.router.prefix_affinity import block_keys
-from pdserve.router.rollout import Rollout
-from pdserve.router.registry import Registry, Role
-from pdserve.router.relays import Relays
+from pdserve.routing.admission import Admission
+from pdserve.routing.placement import Placement, Placer
+from pdserve.routing.prefix_affinity import block_keys
+from pdserve.routing.rollout import Rollout
+from pdserve.routing.route import CallFailed, Relayed, Route, RouteLimits
+from pdserve.routing.registry import Registry, Role
+from pdserve.routing.relays import Relays
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
-from pdserve.server import auth, daemon, observe, streams, tls, wire
-from pdserve.server.membership import Membership
+from pdserve.server import daemon, observe, streams, tls, wire
+from pdserve.server.router import auth
+from pdserve.server.router.membership import Membership
 from pdserve.server.streams import SlowReaders
 from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
 
-MAX_PLACEMENTS = 3
-PLACEMENT_POLL_S = 0.05  # how often a request waiting for a healthy decode worker looks again
-# Statuses of a decode worker, before its first token, after which another worker may serve.
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-              grpc.StatusCode.FAILED_PRECONDITION}
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: Registry, placer: Placer, metrics: Metrics | None = None,
                  rng: random.Random | None = None, migration_limit: int = 3, admission: Admission | None = None,
                  slow_reader_timeout_s: float = streams.DEFAULT_TIMEOUT_S, placement_wait_s: float = 5.0) -> None:
         self.registry = registry
-        self.placement_wait_s = placement_wait_s
+        self.limits = RouteLimits(migration_limit=migration_limit, placement_wait_s=placement_wait_s)
         self.admission = admission or Admission()
-        self.migration_limit = migration_limit  # times one request may move after its decode worker died
         self.placer = placer
         self.metrics = metrics or Metrics("router")
         self.readers = SlowReaders(slow_reader_timeout_s, self.metrics.inc_slow_reader_abort)
@@ -83,7 +81,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.membership = Membership(registry)
         self.relays = Relays(registry)
 
-    # -- worker membership (pdserve.server.membership) ------------------------------------
+    # -- worker membership (pdserve.server.router.membership) ------------------------------------
 
     async def Register(self, request: router_pb2.RegisterRequest, context):
         try:
@@ -196,104 +194,64 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def _generate(self, request: common_pb2.GenerateRequest, timeout_s: float | None, started: float,
                         version: str | None = None, watch: streams.Watch | None = None):
+        """The request's route over decode workers (`pdserve.routing.route`), each attempt a DecodeService call."""
         rid = request.request_id
         prefix_keys = block_keys(_prefix_bytes(request)) if self.placer.uses_prefixes else []
-        excluded: set[str] = set()
-        last_error: PdserveError = UnavailableError("no healthy decode worker", request_id=rid)
-        generated: list[int] = []  # token ids already streamed to the client
+        route = Route(rid, self.placer, lambda excluded, attempt: self._place(request, prefix_keys, excluded,
+                                                                              attempt, version),
+                      prefix_keys=prefix_keys, version=version,
+                      deadline=None if timeout_s is None else started + timeout_s, limits=self.limits,
+                      on_retry=_log_retry, on_migrate=lambda placement, num_sent, error: self._log_migration(
+                          rid, placement, num_sent, error))
         first_ms = 0.0
-        attempt = migrations = 0
-        while attempt < MAX_PLACEMENTS:
-            try:
-                placement = await self._place_when_possible(request, prefix_keys, excluded, attempt, version,
-                                                            started, timeout_s)
-            except UnavailableError as exc:
-                if not (attempt or migrations):
-                    last_error = UnavailableError(str(exc), request_id=rid)
-                break
+
+        async def call_decode(placement: Placement, generated: list[int]):
+            nonlocal first_ms
             queue_ms = (time.monotonic() - started) * 1e3
             log.debug("request %s: %s", rid, placement.reason)
-            sent_here = False
-            self._begin(placement, prefix_keys)
-            call = relay = None
+            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
+            call = self._decode_stub(placement.decode.address).Generate(
+                _decode_request(request, placement, generated), timeout=remaining, metadata=tracing.inject_metadata())
+            if watch is not None:
+                watch.on_stall = call.cancel  # the decode worker aborts the request and frees its blocks
+            relay = None
             try:
-                remaining = None if timeout_s is None else timeout_s - (time.monotonic() - started)
-                call = self._decode_stub(placement.decode.address).Generate(
-                    _decode_request(request, placement, generated), timeout=remaining,
-                    metadata=tracing.inject_metadata())
-                if watch is not None:
-                    watch.on_stall = call.cancel  # the decode worker aborts the request and frees its blocks
                 with self.relays.track(placement.decode.worker_id, call.cancel) as relay:
                     async for response in call:
                         relay.received()
                         if response.WhichOneof("kind") == "result":
                             _stamp(response.result, started, queue_ms, first_ms)
                             self._observe_finished(response.result, started, first_ms)
+                            yield Relayed(response, final=True)
                         else:
                             first_ms = first_ms or (time.monotonic() - started) * 1e3
-                            generated.extend(response.delta.token_ids)
-                        sent_here = True
-                        yield response
-                return
+                            yield Relayed(response, response.delta.token_ids)
             except asyncio.CancelledError:
                 if watch is not None and watch.stalled:  # we cancelled the decode call: the reader is gone
                     raise watch.error(rid) from None
                 if relay is None or not relay.lost or _task_cancelled():
                     raise
                 # Relays.sweep cancelled the call: the worker stopped answering. As if it had died.
-                code, details = grpc.StatusCode.UNAVAILABLE, "stopped answering (missed heartbeats, stream silent)"
+                raise CallFailed("UNAVAILABLE", UnavailableError(
+                    "stopped answering (missed heartbeats, stream silent)", request_id=rid)) from None
             except grpc.aio.AioRpcError as exc:
                 if watch is not None and watch.stalled:
                     raise watch.error(rid) from None
-                code, details = exc.code(), exc.details() or ""
+                raise CallFailed(exc.code().name, error_from_status(exc.code(), exc.details() or "")) from None
             finally:
-                if call is not None:
-                    call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
-                    if watch is not None:
-                        watch.on_stall = None
-                self._finish(placement)
-            last_error = error_from_status(code, details)
-            if generated and code == grpc.StatusCode.UNAVAILABLE:
-                # The decode worker died, drained or froze mid-generation: resume on another, from the next token.
-                if migrations >= self.migration_limit:
-                    raise UnavailableError(f"decode worker {placement.decode.worker_id} failed mid-generation "
-                                           f"and the request already moved {migrations} times "
-                                           f"(--migration-limit {self.migration_limit})", request_id=rid) from None
-                migrations += 1
-                self.metrics.inc_migration()
-                self.registry.mark_failed(placement.decode.worker_id)
-                excluded.add(placement.decode.worker_id)
-                tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
-                                                     "pdserve.tokens_sent": len(generated)})
-                log.warning("request %s: decode %s stopped mid-generation after %d tokens (%s); resuming "
-                            "elsewhere (move %d)", rid, placement.decode.worker_id, len(generated), details,
-                            migrations)
-                continue
-            if sent_here or generated or code not in _RETRYABLE:
-                raise last_error from None
-            self._on_decode_failure(placement, code, details)
-            excluded.add(placement.decode.worker_id)
-            attempt += 1
-        raise last_error
+                call.cancel()  # a no-op once it has ended; frees the decode worker when the caller left
+                if watch is not None:
+                    watch.on_stall = None
 
-    async def _place_when_possible(self, request: common_pb2.GenerateRequest, prefix_keys: list[int],
-                                   excluded: set[str], attempt: int, version: str | None, started: float,
-                                   timeout_s: float | None) -> Placement:
-        """Place the request; when every decode worker that could take it is unhealthy for now (missed
-        heartbeats under load, a restart), wait for one, at most --placement-wait-s and the deadline.
-        A request no registered worker could ever take (e.g. an unknown version) fails at once."""
-        until = time.monotonic() + self.placement_wait_s
-        if timeout_s is not None:
-            until = min(until, started + timeout_s)
-        while True:
-            try:
-                return self._place(request, prefix_keys, excluded, attempt, version)
-            except UnavailableError:
-                known = [w for w in self.registry.all() if w.role == Role.DECODE and w.worker_id not in excluded
-                         and version in (None, w.info.version)]
-                if not known or time.monotonic() >= until:
-                    raise
-                await asyncio.sleep(PLACEMENT_POLL_S)
+        async for response in route.run(call_decode):
+            yield response
+
+    def _log_migration(self, rid: str, placement: Placement, num_sent: int, error: PdserveError) -> None:
+        self.metrics.inc_migration()
+        tracing.add_event("decode.migrate", {Attr.PLACEMENT_DECODE_WORKER: placement.decode.worker_id,
+                                             "pdserve.tokens_sent": num_sent})
+        log.warning("request %s: decode %s stopped mid-generation after %d tokens (%s); resuming elsewhere",
+                    rid, placement.decode.worker_id, num_sent, error)
 
     def _place(self, request: common_pb2.GenerateRequest, prefix_keys: list[int], excluded: set[str],
                attempt: int, version: str | None) -> Placement:
@@ -315,33 +273,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                 Attr.USAGE_OUTPUT_TOKENS: result.usage.completion_tokens,
                                 Attr.RESPONSE_FINISH_REASONS: [finish]})
 
-    def _on_decode_failure(self, placement: Placement, code: grpc.StatusCode, details: str) -> None:
-        decode = placement.decode
-        tracing.add_event("placement.retry", {Attr.PLACEMENT_DECODE_WORKER: decode.worker_id,
-                                              "pdserve.status_code": code.name})
-        log.warning("decode %s failed before the first token (%s: %s); placing elsewhere",
-                    decode.worker_id, code.name, details)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self.registry.mark_failed(decode.worker_id)
-        elif code == grpc.StatusCode.FAILED_PRECONDITION and placement.prefills:
-            self.registry.incompatible(placement.prefills[0].worker_id, decode.worker_id)
-
-    def _begin(self, placement: Placement, prefix_keys: list[int]) -> None:
-        self.placer.placed(placement, prefix_keys)
-        self.registry.begin(placement.decode.worker_id)
-        if placement.prefills:
-            self.registry.begin(placement.prefills[0].worker_id)
-
-    def _finish(self, placement: Placement) -> None:
-        self.registry.finish(placement.decode.worker_id)
-        if placement.prefills:
-            self.registry.finish(placement.prefills[0].worker_id)
-
     def _decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
         stub = self._decode_stubs.get(address)
         if stub is None:
             stub = self._decode_stubs[address] = decode_pb2_grpc.DecodeServiceStub(daemon.channel(address))
         return stub
+
+def _log_retry(placement: Placement, code: str, error: PdserveError) -> None:
+    decode = placement.decode
+    tracing.add_event("placement.retry", {Attr.PLACEMENT_DECODE_WORKER: decode.worker_id, "pdserve.status_code": code})
+    log.warning("decode %s failed before the first token (%s: %s); placing elsewhere", decode.worker_id, code, error)
+
 
 def _task_cancelled() -> bool:
     """Whether the running task itself is being cancelled (Python 3.11+ can tell; 3.10 cannot)."""
@@ -446,7 +388,7 @@ async def serve(args: argparse.Namespace) -> None:
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, d.server)
     http = None
     if args.http_port is not None:
-        from pdserve.server.openai_http import OpenAIServer
+        from pdserve.server.router.openai_http import OpenAIServer
 
         http = OpenAIServer(servicer, args.served_model_name, args.http_host, args.http_port, keys=keys,
                             ssl_context=tls_files.http_context() if tls_files else None)

@@ -32,8 +32,8 @@ from pdserve.client.convert import delta_from_pb, request_pb, result_from_pb
 from pdserve.errors import (AuthenticationError, CapacityError, DeadlineError, InvalidRequestError, NotFoundError,
                             PdserveError, UnavailableError)
 from pdserve.observability import tracing
-from pdserve.router.registry import Role
-from pdserve.server.auth import ApiKeys
+from pdserve.routing.registry import Role
+from pdserve.server.router.auth import ApiKeys
 from pdserve.server.streams import Watch
 
 log = logging.getLogger("pdserve.http")

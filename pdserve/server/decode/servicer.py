@@ -28,34 +28,25 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import (CapacityError, DeadlineError, IncompatibleError, InvalidRequestError, KVTransferError,
                             PdserveError, UnavailableError)
+from pdserve.kv_transfer import transport as kv_transport
+from pdserve.kv_transfer.grpc_stream import PrefillStub
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, streams, wire
 from pdserve.server.streams import SlowReaders
 from pdserve.server.worker import Worker, add_worker_args, run_worker
-from pdserve.status import abort_with, error_from_status
-from pdserve.server.prefill import SERVICE_NAME as PREFILL_SERVICE
+from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 
 log = logging.getLogger("pdserve.decode")
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
-
-
-class PrefillStub:
-    """The Prefill rpc as decode daemons call it: KV chunks arrive as views of the messages, not copies."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.Prefill = channel.unary_stream(f"/{PREFILL_SERVICE}/Prefill",
-                                            request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
-                                            response_deserializer=wire.prefill_response_from_bytes)
 
 
 @dataclass(frozen=True)
@@ -208,7 +199,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         """Import the prompt's KV from the first candidate that delivers it; False: prefill locally."""
         w = self.worker
         if self.options.local_prefill_below:  # what is left once this worker's prefix cache is counted
-            num_cached = await asyncio.wrap_future(w.loop.call(lambda e: e.num_cached_prefix_tokens(prompt)))
+            num_cached = await asyncio.wrap_future(w.loop.num_cached_prefix_tokens(prompt))
             if len(prompt) - num_cached < self.options.local_prefill_below:
                 return False
         for i, candidate in enumerate(request.prefill_candidates):
@@ -221,8 +212,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return True
             except (IncompatibleError, CapacityError):
                 raise
-            except (KVTransferError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
-                reason = _describe(exc)
+            except KVTransferError as exc:
+                reason = str(exc)
                 attempt.errors.append(f"{candidate.address}: {reason}")
                 self.worker.metrics.inc_kv_retry()
                 last = i + 1 == len(request.prefill_candidates)
@@ -237,65 +228,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def _pull(self, rid, gen_request, prompt: list[int], params, address: str, sink, attempt: _Attempt,
                     context) -> None:
+        w = self.worker
         with tracing.span(SpanName.KV_RECEIVE, {Attr.REQUEST_ID: rid, Attr.KV_PEER: address},
                           kind=tracing.SpanKind.CLIENT):
-            await self._receive(rid, gen_request, prompt, params, address, sink, attempt, context)
-
-    async def _receive(self, rid, gen_request, prompt: list[int], params, address: str, sink, attempt: _Attempt,
-                       context) -> None:
-        w = self.worker
-        stall = self.options.kv_stall_timeout_s
-        # Blocks reserved before any KV moves (RESOURCE_EXHAUSTED otherwise); the prefix this worker
-        # holds in its cache is taken from there, and the prefill worker asked to skip it.
-        num_cached = await asyncio.wrap_future(w.loop.call(lambda e: e.add_remote_request(rid, prompt, params)))
-        request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id,
-                                             num_cached_tokens=num_cached)
-        request.request.request_id = rid
-        remaining = context.time_remaining()
-        call = self._stub(address).Prefill(request, timeout=remaining, metadata=tracing.inject_metadata())
-        receiver = KVReceiver(rid, prompt, w.fingerprint, w.geometry, w.engine.dtype, num_cached)
-        stream = call.__aiter__()
-        writes = []
-        try:
-            header = await asyncio.wait_for(stream.__anext__(), stall)
-            header_at = time.monotonic()
-            if isinstance(header, wire.KVChunkView) or header.WhichOneof("kind") != "header":
-                raise KVTransferError("the prefill stream did not start with a header", request_id=rid)
-            receiver.on_header(wire.kv_header_from_pb(header.header))
-            while True:
-                msg = await asyncio.wait_for(stream.__anext__(), stall)
-                kind = "chunk" if isinstance(msg, wire.KVChunkView) else msg.WhichOneof("kind")
-                if kind == "chunk":
-                    c = msg if isinstance(msg, wire.KVChunkView) else msg.chunk
-                    parts = receiver.on_chunk(c)
-                    writes.append(w.loop.call(lambda e, parts=parts: [e.write_kv(rid, *p) for p in parts]))
-                elif kind == "first_token":
-                    receiver.check_complete()
-                    for f in writes:
-                        await asyncio.wrap_future(f)
-                    attempt.kv_bytes = receiver.header.num_kv_bytes
-                    attempt.kv_transfer_ms = (time.monotonic() - header_at) * 1e3
-                    attempt.prefill_ms = msg.first_token.timings.prefill_ms
-                    tracing.set_attributes({Attr.KV_BYTES: attempt.kv_bytes, Attr.KV_CHUNKS: len(writes)})
-                    token = msg.first_token.token_id
-                    await asyncio.wrap_future(w.loop.call(lambda e: self._complete(e, rid, token, sink)))
-                    return
-                else:
-                    raise KVTransferError(f"unexpected {kind} message", request_id=rid)
-        except StopAsyncIteration:
-            raise KVTransferError("prefill stream ended before the first token", request_id=rid) from None
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              grpc.StatusCode.FAILED_PRECONDITION):
-                # The prefill worker refused the request itself: retrying elsewhere would not help.
-                raise error_from_status(exc.code(), exc.details() or "") from None
-            raise
-        finally:
-            call.cancel()
-
-    def _complete(self, engine: LLMEngine, rid: str, token: int, sink) -> None:
-        self.worker.loop.register_sink(rid, sink)
-        engine.complete_remote_kv(rid, token)
+            # Blocks reserved before any KV moves (RESOURCE_EXHAUSTED otherwise); the prefix this worker
+            # holds in its cache is taken from there, and the prefill worker asked to skip it.
+            num_cached = await asyncio.wrap_future(w.loop.reserve_remote(rid, prompt, params))
+            request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id,
+                                                 num_cached_tokens=num_cached)
+            request.request.request_id = rid
+            source = self._stub(address).open(request, timeout=context.time_remaining(),
+                                              metadata=tracing.inject_metadata())
+            receiver = KVReceiver(rid, prompt, w.fingerprint, w.geometry, w.engine.dtype, num_cached)
+            write = lambda parts: asyncio.wrap_future(w.loop.write_kv(rid, parts))  # noqa: E731
+            pulled = await kv_transport.pull(source, receiver, write, self.options.kv_stall_timeout_s)
+            attempt.kv_bytes = pulled.num_bytes
+            attempt.kv_transfer_ms = pulled.transfer_s * 1e3
+            attempt.prefill_ms = pulled.first_token.prefill_ms
+            tracing.set_attributes({Attr.KV_BYTES: pulled.num_bytes, Attr.KV_CHUNKS: pulled.num_chunks})
+            await asyncio.wrap_future(w.loop.complete_remote(rid, pulled.first_token.token_id, sink))
 
     def _stub(self, address: str) -> PrefillStub:
         stub = self._stubs.get(address)
@@ -320,14 +271,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return wire.result_to_pb(out, timings, request_id=rid, prefill_worker_id=attempt.prefill_worker_id
                                  or self.worker.worker_id, decode_worker_id=self.worker.worker_id,
                                  prefill_mode=mode, num_prefill_attempts=attempt.num_attempts)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "stalled (no message within the stall timeout)"
-    return str(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

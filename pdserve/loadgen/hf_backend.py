@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from pdserve.bench.backend import BenchRequest
+from pdserve.loadgen.backend import BenchRequest
 from pdserve.engine.model_loader import default_model_path, resolve_dtype
 
 if TYPE_CHECKING:

@@ -22,28 +22,29 @@ by pending prefill tokens + in_flight * estimate, least first, at most
 `max_prefill_candidates`. The decode worker tries them in order and prefills locally
 when the list is empty or all fail.
 
-Prefix affinity (`pdserve.router.prefix_affinity`): given the request's prefix keys, a decode
+Prefix affinity (`pdserve.routing.prefix_affinity`): given the request's prefix keys, a decode
 worker thought to hold a longer prefix of the prompt in its KV cache (the router sent it an
 earlier turn of the conversation) is taken instead of the two-choice winner when the prompt
 fits there and it runs at most `affinity_slack` more requests: its cached blocks need neither
 prefill compute nor transfer. Prefill candidates are ordered by the work a prompt would add:
 pending tokens plus the prompt's tokens not thought cached there.
 
-`place` does not record its choice: the caller calls `registry.begin` for the workers it
-sends the request to, `placed` to remember the prefix they will hold, and `registry.finish`
-when the request ends.
+`place` does not record its choice: the caller holds the placement (`hold`) while the request
+runs there, which counts it in flight on its decode worker and first prefill candidate and
+remembers the prefix they will hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Sequence, Set
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 
 from pdserve.errors import UnavailableError
-from pdserve.router.prefix_affinity import PrefixIndex
-from pdserve.router.registry import Registry, Role, Worker
+from pdserve.routing.prefix_affinity import PrefixIndex
+from pdserve.routing.registry import Registry, Role, Worker
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,20 @@ class Placer:
         prefills = self._prefill_candidates(decode, num_prompt_tokens_estimate, version, keys)
         reason = _describe(decode, how, prefills, num_prompt_tokens_estimate)
         return Placement(decode=decode, prefills=prefills, reason=reason)
+
+    @contextlib.contextmanager
+    def hold(self, placement: Placement, prefix_keys: Sequence[int]) -> Iterator[None]:
+        """The request runs on these workers for the block: counted in their in_flight, and
+        their prefix remembered."""
+        self.placed(placement, prefix_keys)
+        workers = [w.worker_id for w in [placement.decode, *placement.prefills[:1]]]
+        for worker_id in workers:
+            self.registry.begin(worker_id)
+        try:
+            yield
+        finally:
+            for worker_id in workers:
+                self.registry.finish(worker_id)
 
     def placed(self, placement: Placement, prefix_keys: Sequence[int]) -> None:
         """The request goes to these workers: they will hold its prefix."""

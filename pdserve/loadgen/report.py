@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from pdserve.bench.stats import RequestRecord
+from pdserve.loadgen.stats import RequestRecord
 
 _ROWS = [
     ("completed / failed", lambda s: f"{s['num_completed']} / {s['num_failed']}"),

@@ -24,22 +24,20 @@ from concurrent.futures import Future
 
 import grpc
 
-from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import FatalError, InvalidRequestError, PdserveError
 from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
-from pdserve.kv_transfer.sender import KVChunkData, KVSender
+from pdserve.kv_transfer.codec import kv_chunk_response
+from pdserve.kv_transfer.grpc_stream import SERVICE_NAME, add_prefill_service
+from pdserve.kv_transfer.sender import KVOutbox, KVSender
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, wire
-from pdserve.server.faults import FaultInjector
+from pdserve.server.prefill.faults import FaultInjector
 from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-
-SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
-
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, worker: Worker, faults: FaultInjector | None = None,
@@ -47,15 +45,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.worker = worker
         self.faults = faults or FaultInjector.from_env()
         self.max_chunk_bytes = max_chunk_bytes  # a decode worker may ask for smaller chunks, not larger
-        # request id -> sender; touched only on the engine thread.
-        self._senders: dict[str, KVSender] = {}
         self._running: set[str] = set()  # ids of the prefills in progress; touched only on the event loop
-        worker.engine.kv_export_sink = self._on_kv
-
-    def _on_kv(self, request_id: str, layer: int, start: int, k, v) -> None:
-        sender = self._senders.get(request_id)
-        if sender is not None:
-            sender.on_kv(layer, start, k, v)
 
     async def Stats(self, request, context):
         return await self.worker.stats_response()
@@ -76,7 +66,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             try:
                 params = wire.sampling_from_pb(request.request.sampling_params)
                 prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
-                w.engine.validate_prompt(prompt, params, request_id=rid)
+                w.loop.validate_prompt(prompt, params, request_id=rid)
                 if request.num_cached_tokens >= len(prompt):
                     raise InvalidRequestError("num_cached_tokens", f"{request.num_cached_tokens} leaves none of "
                                               f"the {len(prompt)}-token prompt to send", request_id=rid)
@@ -99,63 +89,49 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             await abort_with(context, exc)
         self._running.add(rid)
         # Submitted before the header goes out: the engine looks the prompt up and starts
-        # exporting its KV while the header is sent (the chunks wait in the queue).
+        # exporting its KV while the header is sent (the chunks wait in the outbox).
         submitted_ns = time.time_ns()
-        submitted, sender, queue = self._submit(rid, request, params, prompt)
+        submitted, sender, outbox = self._submit(rid, request, params, prompt)
         w.pending_prefill_tokens += len(prompt)
         finished = False
-        first_sent: float | None = None  # when the first and the last KV chunk were sent
-        last_sent = 0.0
         try:
             yield prefill_pb2.PrefillResponse(header=self._header(rid, request, prompt))
             await asyncio.wrap_future(submitted)
-            while True:
-                item = await queue.get()
-                if isinstance(item, (bytes, KVChunkData)):
-                    yield item if isinstance(item, bytes) else await self.faults.encode(item, wire.kv_chunk_response)
-                    last_sent = time.monotonic()
-                    first_sent = first_sent or last_sent
-                    continue
-                finished = item.finished
-                if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
-                    raise item.error or FatalError("prefill aborted", request_id=rid)
-                first = self._first_token(rid, item, started)
-                first.timings.kv_send_ms = (last_sent - first_sent) * 1e3 if first_sent else 0.0
-                self._observe_finished(item, sender, submitted_ns, first.timings.kv_send_ms, started)
-                yield prefill_pb2.PrefillResponse(first_token=first)
-                daemon.log_request(role="prefill", request_id=rid, prompt_tokens=len(prompt),
-                                   cached_tokens=item.num_cached_tokens, kv_bytes=sender.num_bytes,
-                                   ms=round((time.monotonic() - started) * 1e3, 1))
-                return
+            async for chunk in outbox.chunks():
+                yield chunk if isinstance(chunk, bytes) else await self.faults.encode(chunk, kv_chunk_response)
+            item: RequestOutput = outbox.end
+            finished = item.finished
+            if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
+                raise item.error or FatalError("prefill aborted", request_id=rid)
+            first = self._first_token(rid, item, started)
+            first.timings.kv_send_ms = outbox.send_ms
+            self._observe_finished(item, sender, submitted_ns, first.timings.kv_send_ms, started)
+            yield prefill_pb2.PrefillResponse(first_token=first)
+            daemon.log_request(role="prefill", request_id=rid, prompt_tokens=len(prompt),
+                               cached_tokens=item.num_cached_tokens, kv_bytes=sender.num_bytes,
+                               ms=round((time.monotonic() - started) * 1e3, 1))
         except PdserveError as exc:
             observe.failed(w.metrics, exc)
             await abort_with(context, exc)
         finally:
             self._running.discard(rid)
             w.pending_prefill_tokens -= len(prompt)
-            w.loop.call(lambda engine: self._senders.pop(rid, None))
             if not finished:
                 w.loop.abort(rid)
 
     def _submit(self, rid: str, request: prefill_pb2.PrefillRequest, params: SamplingParams,
-                prompt: list[int]) -> tuple[Future[None], KVSender, asyncio.Queue]:
-        """Queue the request in the engine, its KV and outputs routed to a new queue: (future, sender, queue)."""
+                prompt: list[int]) -> tuple[Future[None], KVSender, KVOutbox]:
+        """Queue the request in the engine, its KV and outputs routed to a new outbox: (future, sender, outbox)."""
         w = self.worker
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        outbox = KVOutbox(asyncio.get_running_loop())
         # Chunks are encoded on the engine thread, unless fault injection may damage them first.
-        encode = wire.kv_chunk_response if self.faults.action is None else None
-        sender = KVSender(rid, w.geometry, loop, queue, self._chunk_bytes(request), encode,
+        encode = kv_chunk_response if self.faults.action is None else None
+        sender = KVSender(rid, w.geometry, outbox.post, self._chunk_bytes(request), encode,
                           num_skipped_tokens=request.num_cached_tokens)
         # The first token is sampled here with the request's own parameters; the rest is decode's.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
-
-        def submit(engine: LLMEngine) -> None:
-            engine.add_request(rid, prompt, first_params, export_kv=True)
-            self._senders[rid] = sender
-            w.loop.register_sink(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-
-        return w.loop.call(submit), sender, queue
+        kv_sink = lambda _rid, layer, start, k, v: sender.on_kv(layer, start, k, v)  # noqa: E731
+        return w.loop.submit_export(rid, prompt, first_params, outbox.post, kv_sink), sender, outbox
 
     def _observe_finished(self, out: RequestOutput, sender: KVSender, submitted_ns: int, kv_send_ms: float,
                           started: float) -> None:
@@ -196,20 +172,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if out.logprobs and out.logprobs[0] is not None:
             first.logprobs.CopyFrom(wire.logprobs_to_pb(out.logprobs[0]))
         return first
-
-
-def add_prefill_service(servicer: PrefillServicer, server: grpc.aio.Server) -> None:
-    """The generated registration, except that Prefill's responses may come serialized (KV chunks)."""
-    serialize = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
-    handlers = {
-        "Prefill": grpc.unary_stream_rpc_method_handler(
-            servicer.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
-            response_serializer=serialize),
-        "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,
-            response_serializer=common_pb2.StatsResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def build_parser() -> argparse.ArgumentParser:

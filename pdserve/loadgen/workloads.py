@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 
-from pdserve.bench.backend import BenchRequest
+from pdserve.loadgen.backend import BenchRequest
 
 WORKLOADS = ("synthetic", "chat", "interference")
 DEFAULT_TOKEN_RANGE = (1000, 30000)
@@ -93,7 +93,7 @@ def _interference(rng: random.Random, spec: WorkloadSpec) -> list[BenchRequest]:
 
 def chat_conversations() -> list[list[dict[str, str]]]:
     """The shipped conversations: lists of {"role", "content"} turns, user first, alternating."""
-    text = resources.files("pdserve.bench").joinpath("data/chat.json").read_text(encoding="utf-8")
+    text = resources.files("pdserve.loadgen").joinpath("data/chat.json").read_text(encoding="utf-8")
     return json.loads(text)["conversations"]
 
 

@@ -1,0 +1,3 @@
+from pdserve.server.decode.servicer import main
+
+main()

@@ -1,0 +1,1 @@
+"""pdserve-prefill: preprocessing and prefill, the KV streamed to decode workers; test-only fault injection."""

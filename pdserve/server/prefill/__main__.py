@@ -1,0 +1,3 @@
+from pdserve.server.prefill.servicer import main
+
+main()

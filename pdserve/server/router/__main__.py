@@ -1,0 +1,3 @@
+from pdserve.server.router.servicer import main
+
+main()
