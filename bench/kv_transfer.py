@@ -4,8 +4,8 @@ Usage: python bench/kv_transfer.py [--tokens 256,1024,4096] [--rounds N] [--ttft
                                    [--model PATH]
 
 Starts, as separate processes on loopback: a prefill daemon pinned to core 0 and a
-decode daemon pinned to core 1 (`--cpus 0` / `--cpus 1`, `--threads 1` each, bf16,
-`--max-model-len 8192`, no router), and a bare gRPC server (this script with
+decode daemon pinned to core 1 (`--cpus 0` / `--cpus 1`, `--threads 1` each, the
+engine's dtype for the CPU or --dtype, `--max-model-len 8192`, no router), and a bare gRPC server (this script with
 --serve-raw) pinned to core 0. This process is the receiving end of the transfers and
 runs on core 1 (as the decode daemon would), on uvloop, with one torch thread. All
 processes run with the daemons' malloc settings (pdserve/allocator.py).
@@ -24,7 +24,7 @@ cost of the remote path.
 
 Figures
 - bytes: the prompt's KV, K and V of every layer and token, as the header announces it
-  (23,040 bytes per token for SmolLM2-135M in bf16).
+  (23,040 bytes per token for SmolLM2-135M in bf16, twice that in fp32).
 - transfer_s: pdserve's Prefill stream of a KV that is already computed. Before the
   rounds, the prompt is prefilled once through the same stream (untimed), which puts
   all its full blocks in the prefill daemon's prefix cache; each round then sends the
@@ -34,9 +34,10 @@ Figures
   before the call is made to the moment the last KV chunk (received bytes == the
   header's num_kv_bytes) has been parsed and checked the way `DecodeServicer._pull`
   does it: through kv_transfer's gRPC source (chunks decoded as views of the message) and
-  pull loop, the header through a `KVReceiver`, and each chunk through `KVReceiver.on_chunk`
-  (sequence number, ranges, byte counts, payload checksum, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's write of the tensors into its
-  own blocks, and the FirstToken message that follows the KV.
+  pull loop, the header through a `KVReceiver`, the skip sent back (none: this client holds
+  no prefix), and each chunk through `KVReceiver.on_chunk` (sequence number, ranges, byte
+  counts, payload checksum, k/v viewed as [Hkv, T, D] tensors). Not timed: the decode daemon's
+  write of the tensors into its own blocks, and the FirstToken message that follows the KV.
 - bytes_per_s = bytes / transfer_s.
 - ratio_grpc_raw = raw_s / transfer_s, where raw_s is a bare grpc.aio server-streaming
   call (generic handler, raw bytes, no protobuf) to the raw server, which yields
@@ -178,6 +179,9 @@ class TimedSource:
             self.pull.num_bytes += self.pull.chunk_sizes[-1]
         return msg
 
+    async def skip(self, num_cached_tokens: int) -> None:
+        await self.source.skip(num_cached_tokens)
+
     def abort(self) -> None:
         self.source.abort()
 
@@ -211,13 +215,16 @@ async def pull_kv(stub, prompt: list[int]) -> Pull:
     rid, source = open_stream()
     receiver = KVReceiver(rid, prompt, fingerprint, geometry, getattr(torch, geometry.dtype))
 
+    async def reserve(_prompt: list[int]) -> int:  # this client holds no prefix: everything is sent
+        return 0
+
     def write(parts) -> asyncio.Future:  # checked, then dropped; timed once the last chunk is
         pull.transfer_s = time.perf_counter() - t0
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
 
-    await transport.pull(TimedSource(source, pull, t0), receiver, write, stall_s=120.0)
+    await transport.pull(TimedSource(source, pull, t0), receiver, reserve, write, stall_s=120.0)
     return pull
 
 
@@ -405,7 +412,8 @@ async def measure_length(setup: Setup, num_tokens: int, rounds: int, ttft_rounds
 
 
 def daemon_args(cpu: int, args: argparse.Namespace) -> list[str]:
-    out = ["--dtype", "bfloat16", "--listen", "127.0.0.1:0", "--kv-cache-gib", str(args.kv_cache_gib),
+    dtype = ["--dtype", args.dtype] if args.dtype else []  # none: the engine's default for this CPU
+    out = [*dtype, "--listen", "127.0.0.1:0", "--kv-cache-gib", str(args.kv_cache_gib),
            "--threads", "1", "--cpus", str(cpu), "--max-model-len", str(args.max_model_len), "--grace-s", "2"]
     return out + (["--model", args.model] if args.model else [])
 
@@ -437,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="per daemon")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="the daemons' dtype (default: bfloat16 where the CPU has it "
+                                                 "natively, float32 where bf16 would be emulated)")
     p.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = [int(x) for x in args.tokens.split(",")]

@@ -1,8 +1,9 @@
 """Fuzzing pdserve's gRPC services: hypothesis strategies for calls, running one, checking it.
 
 Shared by the CI fuzz test (tests/e2e/test_fuzz.py) and the long run (bench/fuzz.py).
-1. `calls(targets)`: a `FuzzCall` is an rpc, the exact request bytes, a deadline and a
-   client cancellation point. The bytes come from a structured message with random and
+1. `calls(targets)`: a `FuzzCall` is an rpc, the exact request bytes (and, for the
+   bidirectional Prefill, the bytes of the skip sent once the header arrived), a deadline
+   and a client cancellation point. The bytes come from a structured message with random and
    boundary values (NaN/inf floats, huge and out-of-vocab ids, long lists, bad roles,
    prefill candidates at bad addresses or at the real prefill daemon), optionally mutated
    on the wire (invalid UTF-8 in a string field, huge varints in uint32 fields, unknown
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +37,7 @@ class Rpc:
     request_type: type
     response_type: type
     streaming: bool
+    bidi: bool = False  # the request is a first message; a follow-up goes after the first response
 
 
 RPCS = {rpc.name: rpc for rpc in (
@@ -42,8 +45,8 @@ RPCS = {rpc.name: rpc for rpc in (
         common_pb2.GenerateResponse, True),
     Rpc("decode.Generate", "/pdserve.v1.DecodeService/Generate", "decode", decode_pb2.DecodeGenerateRequest,
         common_pb2.GenerateResponse, True),
-    Rpc("prefill.Prefill", "/pdserve.v1.PrefillService/Prefill", "prefill", prefill_pb2.PrefillRequest,
-        prefill_pb2.PrefillResponse, True),
+    Rpc("prefill.Prefill", "/pdserve.v1.PrefillService/Prefill", "prefill", prefill_pb2.PrefillMessage,
+        prefill_pb2.PrefillResponse, True, bidi=True),
     Rpc("router.ClusterStatus", "/pdserve.v1.RouterService/ClusterStatus", "router",
         router_pb2.ClusterStatusRequest, router_pb2.ClusterStatusResponse, False),
     # Heartbeat for an unknown worker only answers reregister. Register and SetRollout are
@@ -76,6 +79,7 @@ class FuzzCall:
     timeout_s: float | None  # None: the runner's long default (a hang detector)
     cancel_after: int | None  # leave the stream after this many messages (None: read it all)
     kind: str  # "structured", "mutated" or "raw"
+    followup: bytes | None = None  # a bidi call's second message (None: a skip of 0)
 
     def describe(self, limit: int = 600) -> str:
         text = f"{self.rpc} kind={self.kind} timeout={self.timeout_s} cancel_after={self.cancel_after} "
@@ -227,16 +231,30 @@ def decode_requests(draw, targets: Targets) -> decode_pb2.DecodeGenerateRequest:
 
 
 @st.composite
-def prefill_requests(draw, targets: Targets) -> prefill_pb2.PrefillRequest:
-    # Mostly a prefix a decode worker could hold (0 to a few blocks), sometimes anything.
-    skip = draw(st.one_of(st.just(0), st.just(0), st.integers(0, 64), u32))
-    req = prefill_pb2.PrefillRequest(num_cached_tokens=skip, decode_worker_id=draw(texts))
+def prefill_requests(draw, targets: Targets) -> prefill_pb2.PrefillMessage:
+    req = prefill_pb2.PrefillRequest(decode_worker_id=draw(texts))
     if draw(st.integers(0, 9)):
         req.request.CopyFrom(draw(generate_requests(targets.vocab_size, unique_ids=targets.unique_request_ids)))
     for name in ("block_size", "max_chunk_bytes"):
         if draw(st.booleans()):
             setattr(req, name, draw(st.one_of(u32, st.integers(0, 64))))
-    return req
+    return prefill_pb2.PrefillMessage(request=req)
+
+
+@st.composite
+def prefill_skips(draw) -> bytes:
+    """The Prefill call's second message: mostly a prefix a decode worker could hold (0 to a few
+    blocks), sometimes anything; now and then another request instead, or nothing parseable."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.binary(max_size=16))
+    if kind == 1:
+        return prefill_pb2.PrefillMessage(request=prefill_pb2.PrefillRequest()).SerializeToString()
+    skip = draw(st.one_of(st.just(0), st.just(0), st.integers(0, 64), u32))
+    return prefill_pb2.PrefillMessage(skip=prefill_pb2.KVSkip(num_cached_tokens=skip)).SerializeToString()
+
+
+SKIP_NONE = prefill_pb2.PrefillMessage(skip=prefill_pb2.KVSkip()).SerializeToString()
 
 
 # -- wire-level mutations -------------------------------------------------------------------
@@ -266,13 +284,13 @@ _GEN_INTS = [(4, 1), (5, 1), (5, 4), (5, 9), (5, 11), (5, 13), (5, 12)]
 STRING_PATHS = {
     "router.Generate": _GEN_STRINGS,
     "decode.Generate": [(1, *p) for p in _GEN_STRINGS] + [(2, 1), (2, 2)],
-    "prefill.Prefill": [(1, *p) for p in _GEN_STRINGS] + [(5,)],
+    "prefill.Prefill": [(1, 1, *p) for p in _GEN_STRINGS] + [(1, 5)],
     "router.Heartbeat": [(1,)],
 }
 INT_PATHS = {
     "router.Generate": _GEN_INTS,
     "decode.Generate": [(1, *p) for p in _GEN_INTS] + [(3,)],
-    "prefill.Prefill": [(1, *p) for p in _GEN_INTS] + [(2,), (3,), (4,)],
+    "prefill.Prefill": [(1, 1, *p) for p in _GEN_INTS] + [(1, 2), (1, 3)],
     "router.Heartbeat": [(3,), (2, 1), (2, 3)],
 }
 BAD_UTF8 = [b"\xff", b"\xc3", b"a\xc3(", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\x80", b"\xe2\x82", b"\x80abc"]
@@ -347,7 +365,8 @@ def calls(draw, targets: Targets, rpcs: tuple[str, ...] = tuple(RPCS), kinds=("s
             for mutate in draw(st.lists(mutation(rpc), min_size=1, max_size=3)):
                 request = mutate(request)
     streaming = RPCS[rpc].streaming
-    return FuzzCall(rpc, request, draw(timeouts), draw(cancel_points) if streaming else None, kind)
+    followup = draw(prefill_skips()) if RPCS[rpc].bidi else None
+    return FuzzCall(rpc, request, draw(timeouts), draw(cancel_points) if streaming else None, kind, followup)
 
 
 # -- running and checking -------------------------------------------------------------------
@@ -376,19 +395,33 @@ def run_call(channel: grpc.Channel, call: FuzzCall, default_timeout_s: float) ->
         except grpc.RpcError as exc:
             out.code, out.details = exc.code().name, exc.details() or ""
     else:
-        stream = channel.unary_stream(rpc.path, request_serializer=None, response_deserializer=None)(
-            call.request, timeout=timeout)
+        answered = threading.Event()  # a bidi call's first response (or its end) came
+
+        def messages():
+            yield call.request
+            if answered.wait(timeout) and not out.responses[1:]:  # after the header, before anything else
+                yield call.followup if call.followup is not None else SKIP_NONE
+
+        if rpc.bidi:
+            stream = channel.stream_stream(rpc.path, request_serializer=None, response_deserializer=None)(
+                messages(), timeout=timeout)
+        else:
+            stream = channel.unary_stream(rpc.path, request_serializer=None, response_deserializer=None)(
+                call.request, timeout=timeout)
         try:
             if call.cancel_after == 0:
                 out.cancelled_by_us = stream.cancel()
             else:
                 for response in stream:
                     out.responses.append(response)
+                    answered.set()
                     if call.cancel_after is not None and len(out.responses) >= call.cancel_after:
                         out.cancelled_by_us = stream.cancel()
                         break
         except grpc.RpcError:
             pass
+        finally:
+            answered.set()
         out.code, out.details = stream.code().name, stream.details() or ""
     out.seconds = time.monotonic() - started
     return out
@@ -427,7 +460,8 @@ def check(out: Outcome, vocab: int) -> list[str]:
         if call.rpc in ("router.Generate", "decode.Generate"):
             problems += check_generate_stream(out.responses, request, vocab)
         elif call.rpc == "prefill.Prefill":
-            problems += check_prefill_stream(out.responses, request, vocab)
+            skip = parse(prefill_pb2.PrefillMessage, call.followup if call.followup is not None else SKIP_NONE)
+            problems += check_prefill_stream(out.responses, skip.skip.num_cached_tokens if skip else 0, vocab)
         elif parse(rpc.response_type, out.responses[0]) is None:
             problems.append("response does not parse")
     return problems
@@ -473,7 +507,7 @@ def check_generate_stream(responses: list[bytes], request, vocab: int) -> list[s
     return problems
 
 
-def check_prefill_stream(responses: list[bytes], request: prefill_pb2.PrefillRequest, vocab: int) -> list[str]:
+def check_prefill_stream(responses: list[bytes], num_skipped: int, vocab: int) -> list[str]:
     msgs = [parse(prefill_pb2.PrefillResponse, r) for r in responses]
     if any(m is None for m in msgs):
         return ["a response does not parse"]
@@ -490,14 +524,13 @@ def check_prefill_stream(responses: list[bytes], request: prefill_pb2.PrefillReq
     if header.num_chunks and header.num_chunks != len(chunks):
         problems.append(f"header num_chunks {header.num_chunks} but {len(chunks)} chunks")
     num_bytes = sum(len(c.k_bytes) + len(c.v_bytes) for c in chunks)
-    if num_bytes != header.num_kv_bytes:
-        problems.append(f"{num_bytes} KV bytes sent, header says {header.num_kv_bytes}")
+    due = header.num_kv_bytes // max(1, header.num_prompt_tokens) * (header.num_prompt_tokens - num_skipped)
+    if num_bytes != due:
+        problems.append(f"{num_bytes} KV bytes sent, {due} due (header: {header.num_kv_bytes} for the prompt)")
     if any(c.layer_index >= header.kv_layout.num_layers or c.token_end <= c.token_start
            or c.token_end > header.num_prompt_tokens for c in chunks):
         problems.append("a chunk's layer or token range is out of bounds")
-    if header.num_skipped_tokens != request.num_cached_tokens:
-        problems.append(f"header skips {header.num_skipped_tokens} tokens, {request.num_cached_tokens} asked")
-    if any(c.token_start < header.num_skipped_tokens for c in chunks):
+    if any(c.token_start < num_skipped for c in chunks):
         problems.append("a chunk carries skipped tokens")
     if any(c.checksum != xxhash.xxh3_64_intdigest(c.k_bytes + c.v_bytes) for c in chunks):
         problems.append("a chunk's checksum does not match its payload")

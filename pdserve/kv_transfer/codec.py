@@ -168,5 +168,4 @@ def fingerprint_str(pb: common_pb2.ModelFingerprint) -> str:
 def kv_header_from_pb(h: prefill_pb2.KVHeader) -> KVHeaderData:
     lay = h.kv_layout
     return KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), fingerprint_str(h.model),
-                        KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes,
-                        h.num_skipped_tokens)
+                        KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes)

@@ -1,8 +1,8 @@
-"""The gRPC KV transport: the Prefill server stream from prefill worker to decode worker.
+"""The gRPC KV transport: the bidirectional Prefill call between decode worker and prefill worker.
 
-Decode side: `PrefillStub.open` starts the stream and returns a `GrpcKVSource`, whose messages
-are the transport-free ones of `transport` (KV chunks as views of the received messages) and
-whose failures are pdserve errors: the prefill worker's refusals (INVALID_ARGUMENT,
+Decode side: `PrefillStub.open` starts the call and returns a `GrpcKVSource`, which sends the
+request with its first read and the skip when told; its messages are the transport-free ones of
+`transport` (KV chunks as views of the received messages) and its failures are pdserve errors: the prefill worker's refusals (INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED, FAILED_PRECONDITION) as the errors they stand for, anything else (a dead
 peer, a cancelled or expired call) as KVTransferError, which moves the request on to the next
 candidate. Prefill side: `add_prefill_service` registers the servicer so that KV chunks, made
@@ -30,21 +30,22 @@ _REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTE
 class GrpcKVSource:
     """A `KVSource` over one Prefill call."""
 
-    def __init__(self, request_id: str, call: grpc.aio.UnaryStreamCall) -> None:
-        self.request_id = request_id
+    def __init__(self, request: prefill_pb2.PrefillRequest, call: grpc.aio.StreamStreamCall) -> None:
+        self.request_id = request.request.request_id
+        self._request: prefill_pb2.PrefillRequest | None = request  # sent with the first read
         self._call = call
-        self._stream = call.__aiter__()
 
     async def next(self) -> KVMessage:
         rid = self.request_id
         try:
-            msg = await self._stream.__anext__()
-        except StopAsyncIteration:
-            raise KVTransferError("the prefill stream ended before the first token", request_id=rid) from None
+            if self._request is not None:
+                request, self._request = self._request, None
+                await self._call.write(prefill_pb2.PrefillMessage(request=request))
+            msg = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _REFUSALS:
-                raise error_from_status(exc.code(), exc.details() or "") from None
-            raise KVTransferError(f"{exc.code().name}: {exc.details()}", request_id=rid) from None
+            raise self._error(exc) from None
+        if msg is grpc.aio.EOF:
+            raise KVTransferError("the prefill stream ended before the first token", request_id=rid)
         if isinstance(msg, KVChunkView):
             return msg
         kind = msg.WhichOneof("kind")
@@ -57,21 +58,34 @@ class GrpcKVSource:
             return KVFirstToken(first.token_id, first.timings.prefill_ms, first.num_cached_tokens)
         raise KVTransferError(f"unexpected {kind} message on the prefill stream", request_id=rid)
 
+    async def skip(self, num_cached_tokens: int) -> None:
+        try:
+            await self._call.write(prefill_pb2.PrefillMessage(skip=prefill_pb2.KVSkip(
+                num_cached_tokens=num_cached_tokens)))
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
     def abort(self) -> None:
         self._call.cancel()
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
+        if exc.code() in _REFUSALS:
+            return error_from_status(exc.code(), exc.details() or "")
+        return KVTransferError(f"{exc.code().name}: {exc.details()}", request_id=self.request_id)
 
 
 class PrefillStub:
     """The Prefill rpc as decode workers call it: KV chunks arrive as views of the messages, not copies."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.Prefill = channel.unary_stream(f"/{SERVICE_NAME}/Prefill",
-                                            request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
-                                            response_deserializer=prefill_response_from_bytes)
+        self.Prefill = channel.stream_stream(f"/{SERVICE_NAME}/Prefill",
+                                             request_serializer=prefill_pb2.PrefillMessage.SerializeToString,
+                                             response_deserializer=prefill_response_from_bytes)
 
     def open(self, request: prefill_pb2.PrefillRequest, *, timeout: float | None = None,
              metadata: Sequence[tuple[str, str]] | None = None) -> GrpcKVSource:
-        return GrpcKVSource(request.request.request_id, self.Prefill(request, timeout=timeout, metadata=metadata))
+        return GrpcKVSource(request, self.Prefill(timeout=timeout, metadata=metadata))
 
 
 def add_prefill_service(servicer, server: grpc.aio.Server) -> None:
@@ -79,8 +93,8 @@ def add_prefill_service(servicer, server: grpc.aio.Server) -> None:
     bytes, serialized already (KV chunks)."""
     serialize = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
     handlers = {
-        "Prefill": grpc.unary_stream_rpc_method_handler(
-            servicer.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+        "Prefill": grpc.stream_stream_rpc_method_handler(
+            servicer.Prefill, request_deserializer=prefill_pb2.PrefillMessage.FromString,
             response_serializer=serialize),
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,

@@ -2,13 +2,15 @@
 
 A `KVSender` given `InProcessKVSource.post` as its outlet hands its chunks straight to the pull
 loop, read as views of the chunk's payload (the same fields and checksum a message carries).
-Tests post headers, first tokens and errors themselves, and may reorder, damage, drop or
-withhold anything in between: every transfer rule is tested here in milliseconds.
+The receiver's skip goes to `on_skip`, where an in-process sender starts. Tests post headers,
+first tokens and errors themselves, and may reorder, damage, drop or withhold anything in
+between: every transfer rule is tested here in milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from pdserve.errors import KVTransferError, PdserveError
@@ -22,9 +24,12 @@ _END = object()
 class InProcessKVSource:
     """A `KVSource` fed by `post` (from any thread when given the event loop that reads it)."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None,
+                 on_skip: Callable[[int], None] | None = None) -> None:
         self.request_id = request_id
         self.aborted = False
+        self.skipped: int | None = None  # what the receiver said it holds
+        self.on_skip = on_skip
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -48,6 +53,11 @@ class InProcessKVSource:
         if isinstance(item, PdserveError):
             raise item
         return chunk_view(item) if isinstance(item, KVChunkData) else item
+
+    async def skip(self, num_cached_tokens: int) -> None:
+        self.skipped = num_cached_tokens
+        if self.on_skip is not None:
+            self.on_skip(num_cached_tokens)
 
     def abort(self) -> None:
         self.aborted = True

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-# 4: chunks head-major, [num_kv_heads, num_tokens, head_dim] per layer, one or more consecutive
+# 5: a bidirectional call, the skip sent after the header (4: the skip came with the request);
+# chunks head-major, [num_kv_heads, num_tokens, head_dim] per layer, one or more consecutive
 # layers per chunk, each with a checksum of its payload (3: no checksum; 2: one layer per chunk;
 # 1 was token-major).
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 # Upper bound of one chunk's K + V bytes: well under gRPC's message limit, and
 # small enough that the receiver's write of one chunk does not stall its engine step.
 MAX_CHUNK_BYTES = 4 * 2**20

@@ -2,14 +2,16 @@
 
 Checks, each failing with KVTransferError (the transfer is dropped and retried)
 or IncompatibleError (a model or layout mismatch: retrying the same pair is pointless):
-1. header: wire version, request id, prompt tokens equal to what the decode side
-   expects, the leading tokens skipped exactly those it said it holds, model
-   fingerprint and KV geometry equal to its own, byte count consistent;
-2. every chunk: request id, sequence number exactly the next one, layer and
-   token range inside the prompt, byte lengths equal to the range's, payload
-   checksum equal to the one the sender computed;
-3. completion: every layer received every prompt token exactly once and the
-   byte total equals the header's.
+1. header: wire version, request id, prompt tokens (equal to what the decode side
+   expects, when it tokenized the prompt itself), model fingerprint and KV
+   geometry equal to its own, byte count consistent;
+2. skip: the leading tokens the decode side holds (`skip`, after the header) are
+   fewer than the prompt's;
+3. every chunk: request id, sequence number exactly the next one, layer and
+   token range inside the prompt and past the skipped tokens, byte lengths equal
+   to the range's, payload checksum equal to the one the sender computed;
+4. completion: every layer received every prompt token past the skipped ones
+   exactly once, and no more bytes than those.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ class KVHeaderData:
     prompt_token_ids: tuple[int, ...]
     fingerprint: str
     geometry: KVGeometry
-    num_kv_bytes: int
-    num_skipped_tokens: int = 0  # leading prompt tokens whose KV is not sent
+    num_kv_bytes: int  # of the whole prompt
 
 
 class KVChunkFields(Protocol):
@@ -50,18 +51,18 @@ class KVChunkFields(Protocol):
 
 class KVReceiver:
     def __init__(self, request_id: str, prompt_token_ids: list[int] | None, fingerprint: str,
-                 geometry: KVGeometry, torch_dtype: torch.dtype, num_cached_tokens: int = 0) -> None:
+                 geometry: KVGeometry, torch_dtype: torch.dtype) -> None:
         self.request_id = request_id
         # None: the prefill side tokenizes; its header's token ids are taken as the prompt.
         self.expected_prompt = tuple(prompt_token_ids) if prompt_token_ids is not None else None
         self.fingerprint = fingerprint
         self.geometry = geometry
         self.torch_dtype = torch_dtype
-        self.num_cached_tokens = num_cached_tokens  # asked of the sender: these are not to be sent
         self.header: KVHeaderData | None = None
+        self.num_cached_tokens: int | None = None  # told to the sender after the header: not to be sent
         self._next_seq = 0
-        self._received_bytes = 0
-        self._layer_tokens = [num_cached_tokens] * geometry.num_layers  # tokens held per layer, in order
+        self.num_received_bytes = 0  # K + V payload of the chunks so far
+        self._layer_tokens: list[int] = []  # tokens held per layer, in order
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,26 +86,30 @@ class KVReceiver:
             raise KVTransferError("header has no prompt tokens", request_id=rid)
         if self.expected_prompt is not None and header.prompt_token_ids != self.expected_prompt:
             raise KVTransferError("header's prompt tokens differ from the request's", request_id=rid)
-        if header.num_skipped_tokens != self.num_cached_tokens:
-            raise KVTransferError(f"header skips {header.num_skipped_tokens} leading tokens, "
-                                  f"{self.num_cached_tokens} were asked", request_id=rid)
-        if not self.num_cached_tokens < len(header.prompt_token_ids):
-            raise KVTransferError(f"{self.num_cached_tokens} skipped tokens leave none of the "
-                                  f"{len(header.prompt_token_ids)}-token prompt to send", request_id=rid)
-        num_bytes = self.geometry.total_bytes(len(header.prompt_token_ids) - self.num_cached_tokens)
+        num_bytes = self.geometry.total_bytes(len(header.prompt_token_ids))
         if header.num_kv_bytes != num_bytes:
             raise KVTransferError(f"header announces {header.num_kv_bytes} KV bytes, layout needs {num_bytes}",
                                   request_id=rid)
         self.header = header
         return list(header.prompt_token_ids)
 
+    def skip(self, num_cached_tokens: int) -> None:
+        """The leading prompt tokens this side holds (told to the sender): the chunks start after them."""
+        if self.header is None:
+            raise KVTransferError("skip before the header", request_id=self.request_id)
+        if not 0 <= num_cached_tokens < self.num_prompt_tokens:
+            raise KVTransferError(f"{num_cached_tokens} skipped tokens leave none of the "
+                                  f"{self.num_prompt_tokens}-token prompt to send", request_id=self.request_id)
+        self.num_cached_tokens = num_cached_tokens
+        self._layer_tokens = [num_cached_tokens] * self.geometry.num_layers
+
     def on_chunk(self, c: KVChunkFields) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Check a chunk; returns (layer, start, k, v) per layer it covers, k, v [Hkv, T, D] ready to write."""
         rid = self.request_id
         layer, token_start, token_end, k, v = c.layer_index, c.token_start, c.token_end, c.k_bytes, c.v_bytes
         num_layers = c.num_layers or 1
-        if self.header is None:
-            raise KVTransferError("KV chunk before the header", request_id=rid)
+        if self.num_cached_tokens is None:
+            raise KVTransferError("KV chunk before the header and the skip", request_id=rid)
         if c.request_id != rid:
             raise KVTransferError(f"chunk of request {c.request_id!r}", request_id=rid)
         if c.sequence_number != self._next_seq:
@@ -124,7 +129,7 @@ class KVReceiver:
             raise KVTransferError(f"chunk {c.sequence_number}'s payload does not match its checksum",
                                   request_id=rid)
         self._next_seq += 1
-        self._received_bytes += len(k) + len(v)
+        self.num_received_bytes += len(k) + len(v)
         shape = (self.geometry.num_kv_heads, token_end - token_start, self.geometry.head_dim)
         out = []
         for n, i in enumerate(layers):
@@ -136,11 +141,11 @@ class KVReceiver:
 
     def check_complete(self) -> None:
         rid = self.request_id
-        if self.header is None:
-            raise KVTransferError("stream ended before the header", request_id=rid)
+        if self.header is None or self.num_cached_tokens is None:
+            raise KVTransferError("stream ended before the header and the skip", request_id=rid)
         missing = [i for i, n in enumerate(self._layer_tokens) if n != self.num_prompt_tokens]
         if missing:
             raise KVTransferError(f"KV incomplete for layers {missing[:5]}", request_id=rid)
-        if self._received_bytes != self.header.num_kv_bytes:
-            raise KVTransferError(f"received {self._received_bytes} KV bytes, header announced "
-                                  f"{self.header.num_kv_bytes}", request_id=rid)
+        expected = self.geometry.total_bytes(self.num_prompt_tokens - self.num_cached_tokens)
+        if self.num_received_bytes != expected:
+            raise KVTransferError(f"received {self.num_received_bytes} KV bytes, {expected} were due", request_id=rid)

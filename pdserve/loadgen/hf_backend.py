@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from pdserve.loadgen.backend import BenchRequest
@@ -43,6 +44,7 @@ class _Job:
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)  # generated so far; also HFBackend.outputs[index]
     done: bool = False
+    abandoned: bool = False  # its stream was closed before the end: nobody reads it any more
 
     def arrive(self, token: int) -> None:
         self.tokens.append(token)
@@ -52,6 +54,17 @@ class _Job:
         if not self.done:
             self.done = True
             self.loop.call_soon_threadsafe(self.events.put_nowait, error)
+
+
+class _Abandoned(StoppingCriteria):
+    """Ends generate early once every stream of its batch is finished or abandoned."""
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        stop = all(job.done or job.abandoned for job in self.jobs)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
 
 
 class _ArrivalStreamer(BaseStreamer):
@@ -104,10 +117,13 @@ class HFBackend:
         job = _Job(request, asyncio.get_running_loop())
         self.outputs[request.index] = job.tokens
         self._pending.put(job)
-        while (event := await job.events.get()) is not None:
-            if isinstance(event, RuntimeError):
-                raise event
-            yield event
+        try:
+            while (event := await job.events.get()) is not None:
+                if isinstance(event, RuntimeError):
+                    raise event
+                yield event
+        finally:
+            job.abandoned = not job.done  # cancelled (e.g. the run's time limit): not started, or stopped early
 
     async def close(self) -> None:
         if self._thread is not None and not self._closed:
@@ -146,7 +162,8 @@ class HFBackend:
             if job is None:  # close(): serve what came before it, then stop
                 self._pending.put(None)
                 return batch or None
-            batch.append(job)
+            if not job.abandoned:
+                batch.append(job)
         return batch
 
     def _generate(self, batch: list[_Job]) -> None:
@@ -166,6 +183,7 @@ class HFBackend:
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens if all(job.request.ignore_eos for job in batch) else None,
                 streamer=_ArrivalStreamer(batch, eos_ids),
+                stopping_criteria=StoppingCriteriaList([_Abandoned(batch)]),
             )
 
     def _prompt_ids(self, request: BenchRequest) -> list[int]:

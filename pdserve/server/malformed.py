@@ -2,7 +2,8 @@
 INVALID_ARGUMENT naming the field, instead of gRPC's UNKNOWN.
 
 A server interceptor wraps each method's deserializer so a parse failure yields a
-`Malformed` value, and its behaviour so that value is refused before any handler runs.
+`Malformed` value, and its behaviour so that value is refused before any handler runs
+(for a stream of requests, when the handler reads it).
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ async def _refuse(request: Malformed, context: grpc.aio.ServicerContext):
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: {request.reason}")
 
 
+class _CheckedReads:
+    """A servicer context whose read() refuses a malformed message (streaming requests)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def read(self):
+        message = await self._context.read()
+        if isinstance(message, Malformed):
+            await _refuse(message, self._context)
+        return message
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -102,4 +119,12 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 return await result if inspect.isawaitable(result) else result
 
             return handler._replace(request_deserializer=parse, unary_unary=unary)
+        if handler.stream_stream is not None:  # the servicer reads its messages with context.read()
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests, context):
+                async for item in inner_bidi(requests, _CheckedReads(context)):
+                    yield item
+
+            return handler._replace(request_deserializer=parse, stream_stream=bidi)
         return handler

@@ -15,25 +15,39 @@ class KVWireVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_WIRE_VERSION_2: _ClassVar[KVWireVersion]
     KV_WIRE_VERSION_3: _ClassVar[KVWireVersion]
     KV_WIRE_VERSION_4: _ClassVar[KVWireVersion]
+    KV_WIRE_VERSION_5: _ClassVar[KVWireVersion]
 KV_WIRE_VERSION_UNSPECIFIED: KVWireVersion
 KV_WIRE_VERSION_1: KVWireVersion
 KV_WIRE_VERSION_2: KVWireVersion
 KV_WIRE_VERSION_3: KVWireVersion
 KV_WIRE_VERSION_4: KVWireVersion
+KV_WIRE_VERSION_5: KVWireVersion
+
+class PrefillMessage(_message.Message):
+    __slots__ = ("request", "skip")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    request: PrefillRequest
+    skip: KVSkip
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., skip: _Optional[_Union[KVSkip, _Mapping]] = ...) -> None: ...
+
+class KVSkip(_message.Message):
+    __slots__ = ("num_cached_tokens",)
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_cached_tokens: int
+    def __init__(self, num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "block_size", "max_chunk_bytes", "num_cached_tokens", "decode_worker_id")
+    __slots__ = ("request", "block_size", "max_chunk_bytes", "decode_worker_id")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.GenerateRequest
     block_size: int
     max_chunk_bytes: int
-    num_cached_tokens: int
     decode_worker_id: str
-    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., block_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., block_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("header", "chunk", "first_token")
@@ -46,7 +60,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("wire_version", "request_id", "prompt_token_ids", "num_prompt_tokens", "model", "kv_layout", "num_kv_bytes", "chunk_tokens", "num_chunks", "num_skipped_tokens", "prefill_worker_id")
+    __slots__ = ("wire_version", "request_id", "prompt_token_ids", "num_prompt_tokens", "model", "kv_layout", "num_kv_bytes", "chunk_tokens", "num_chunks", "prefill_worker_id")
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -56,7 +70,6 @@ class KVHeader(_message.Message):
     NUM_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_SKIPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     wire_version: KVWireVersion
     request_id: str
@@ -67,9 +80,8 @@ class KVHeader(_message.Message):
     num_kv_bytes: int
     chunk_tokens: int
     num_chunks: int
-    num_skipped_tokens: int
     prefill_worker_id: str
-    def __init__(self, wire_version: _Optional[_Union[KVWireVersion, str]] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_kv_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_skipped_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, wire_version: _Optional[_Union[KVWireVersion, str]] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelFingerprint, _Mapping]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_kv_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("request_id", "sequence_number", "layer_index", "token_start", "token_end", "k_bytes", "v_bytes", "num_layers", "checksum")

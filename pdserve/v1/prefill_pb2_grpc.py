@@ -36,9 +36,9 @@ class PrefillServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_stream(
+        self.Prefill = channel.stream_stream(
                 '/pdserve.v1.PrefillService/Prefill',
-                request_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                request_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillMessage.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
@@ -52,10 +52,12 @@ class PrefillServiceServicer:
     """Prefills prompts in batches and streams their KV cache to decode daemons.
     """
 
-    def Prefill(self, request, context):
-        """Preprocesses and prefills one request, then streams a KVHeader, the
-        KVChunks and the FirstToken. INVALID_ARGUMENT for bad input (the message
-        names the field), RESOURCE_EXHAUSTED when the queue is full.
+    def Prefill(self, request_iterator, context):
+        """Preprocesses one request and sends its KVHeader; once told what to skip,
+        prefills it and streams the KVChunks and the FirstToken (see the file
+        comment). INVALID_ARGUMENT for bad input (the message names the field),
+        RESOURCE_EXHAUSTED when the queue is full, DEADLINE_EXCEEDED when the skip
+        does not come within the stall timeout.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,9 +73,9 @@ class PrefillServiceServicer:
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_stream_rpc_method_handler(
+            'Prefill': grpc.stream_stream_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
+                    request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillMessage.FromString,
                     response_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
@@ -94,7 +96,7 @@ class PrefillService:
     """
 
     @staticmethod
-    def Prefill(request,
+    def Prefill(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -104,11 +106,11 @@ class PrefillService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/pdserve.v1.PrefillService/Prefill',
-            pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            pdserve_dot_v1_dot_prefill__pb2.PrefillMessage.SerializeToString,
             pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,

@@ -108,7 +108,7 @@ def test_concurrent_requests_with_one_id_do_not_disturb_each_other(env):
     remote = [decode_pb2.PrefillCandidate(address=env.targets.prefill_address)]
     wraps = {"router.Generate": lambda r: r,
              "decode.Generate": lambda r: decode_pb2.DecodeGenerateRequest(request=r, prefill_candidates=remote),
-             "prefill.Prefill": lambda r: prefill_pb2.PrefillRequest(request=r)}
+             "prefill.Prefill": lambda r: prefill_pb2.PrefillMessage(request=prefill_pb2.PrefillRequest(request=r))}
     for rpc, wrap in wraps.items():
         for _ in range(3):
             pair = [FuzzCall(rpc, wrap(r).SerializeToString(), None, None, "structured") for r in (long, short)]

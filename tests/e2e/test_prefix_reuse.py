@@ -66,9 +66,14 @@ def test_conditional_disaggregation_counts_only_the_uncached_tail(tiny_dir, pref
 def test_prefill_refuses_to_skip_the_whole_prompt(prefill):
     request = prefill_pb2.PrefillRequest(
         request=common_pb2.GenerateRequest(request_id="skip-all", prompt_token_ids=common_pb2.TokenIds(
-            token_ids=FIRST), sampling_params=common_pb2.SamplingParams(max_tokens=1)),
-        num_cached_tokens=len(FIRST))
+            token_ids=FIRST), sampling_params=common_pb2.SamplingParams(max_tokens=1)))
+    messages = [prefill_pb2.PrefillMessage(request=request),
+                prefill_pb2.PrefillMessage(skip=prefill_pb2.KVSkip(num_cached_tokens=len(FIRST)))]
+    received = []
     with grpc.insecure_channel(prefill.address) as channel:
         with pytest.raises(grpc.RpcError) as err:
-            list(prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=10))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_cached_tokens" in err.value.details()
+            for response in prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(iter(messages), timeout=10):
+                received.append(response.WhichOneof("kind"))
+    assert received == ["header"]  # the prompt's ids came, then the refusal
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "skip.num_cached_tokens" in err.value.details()
+    assert wait_kv_free(prefill.address, "prefill") == 0

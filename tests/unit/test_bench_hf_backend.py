@@ -124,3 +124,23 @@ def test_a_failing_generate_fails_its_batch_and_the_next_batch_is_served(tiny_mo
         return await events_of(backend, BenchRequest(index=1, max_tokens=2, prompt_token_ids=PROMPTS[0]))
 
     assert run(tiny_model_dirs, test) == [1, 1]
+
+
+def test_requests_cancelled_while_queued_are_never_generated(tiny_model_dirs) -> None:
+    """A run's time limit cancels what is left; the backend must not go on generating it."""
+
+    async def test(backend: HFBackend) -> list[int]:
+        gate = backend.model.generate = GatedGenerate(backend.model.generate)
+        first = asyncio.create_task(events_of(backend, BenchRequest(index=100, max_tokens=2, prompt_token_ids=(3, 4))))
+        await asyncio.to_thread(gate.entered.wait, 30)
+        queued = [asyncio.create_task(events_of(backend, BenchRequest(index=i, max_tokens=50, prompt_token_ids=p)))
+                  for i, p in enumerate(PROMPTS)]
+        await asyncio.sleep(0.05)
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        gate.release.set()
+        assert await first == [1, 1]
+        return gate.batch_sizes
+
+    assert run(tiny_model_dirs, test) == [1]  # close() did not generate the cancelled requests

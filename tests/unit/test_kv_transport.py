@@ -41,10 +41,17 @@ def sent_chunks(kv, skip: int = 0, max_chunk_bytes: int = SMALL, rid: str = "r")
     return chunks
 
 
-def header(skip: int = 0, **changes) -> KVHeaderData:
-    h = KVHeaderData(WIRE_VERSION, "r", tuple(PROMPT), "model-a", GEOMETRY,
-                     GEOMETRY.total_bytes(len(PROMPT) - skip), skip)
+def header(**changes) -> KVHeaderData:
+    h = KVHeaderData(WIRE_VERSION, "r", tuple(PROMPT), "model-a", GEOMETRY, GEOMETRY.total_bytes(len(PROMPT)))
     return dataclasses.replace(h, **changes)
+
+
+def holding(num_cached: int):
+    """A decode side's reservation that finds `num_cached` leading tokens in its prefix cache."""
+    async def reserve(prompt: list[int]) -> int:
+        assert prompt == PROMPT  # the header's ids: the sender tokenized
+        return num_cached
+    return reserve
 
 
 class Cache:
@@ -65,7 +72,8 @@ class Cache:
         return torch.cat([k for _, k, _ in parts], 1), torch.cat([v for _, _, v in parts], 1)
 
 
-def run(messages, skip: int = 0, stall_s: float = 1.0, close: bool = False, fingerprint: str = "model-a"):
+def run(messages, skip: int = 0, stall_s: float = 1.0, close: bool = False, fingerprint: str = "model-a",
+        reserve=None):
     """Feed messages to an in-process source and pull them: (result or raised error, source, cache)."""
     async def main():
         source = InProcessKVSource("r")
@@ -74,9 +82,9 @@ def run(messages, skip: int = 0, stall_s: float = 1.0, close: bool = False, fing
         if close:
             source.close()
         cache = Cache()
-        receiver = KVReceiver("r", PROMPT, fingerprint, GEOMETRY, torch.float32, num_cached_tokens=skip)
+        receiver = KVReceiver("r", None, fingerprint, GEOMETRY, torch.float32)
         try:
-            outcome = await transport.pull(source, receiver, cache.write, stall_s)
+            outcome = await transport.pull(source, receiver, reserve or holding(skip), cache.write, stall_s)
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome = exc
         return outcome, source, cache
@@ -90,7 +98,8 @@ def test_a_whole_transfer_lands_in_the_cache_exactly():
     pulled, source, cache = run([header(), *chunks, KVFirstToken(7, prefill_ms=3.0)])
     assert isinstance(pulled, transport.PulledKV)
     assert pulled.first_token.token_id == 7 and pulled.num_chunks == len(chunks) == 12
-    assert pulled.num_bytes == GEOMETRY.total_bytes(len(PROMPT))
+    assert pulled.num_bytes == GEOMETRY.total_bytes(len(PROMPT)) and pulled.prompt_token_ids == PROMPT
+    assert source.skipped == 0
     for i, (k, v) in enumerate(kv):
         assert torch.equal(cache.layer(i)[0], k) and torch.equal(cache.layer(i)[1], v)
     assert source.aborted  # released once over, whatever the outcome
@@ -99,17 +108,36 @@ def test_a_whole_transfer_lands_in_the_cache_exactly():
 @pytest.mark.parametrize("skip", [1, 6, 10, 19])
 def test_skipped_prefix_tokens_are_neither_sent_nor_written(skip):
     kv = prompt_kv()
-    pulled, _, cache = run([header(skip), *sent_chunks(kv, skip), KVFirstToken(7)], skip=skip)
+    pulled, source, cache = run([header(), *sent_chunks(kv, skip), KVFirstToken(7)], skip=skip)
     assert isinstance(pulled, transport.PulledKV), pulled
+    assert source.skipped == pulled.num_cached_tokens == skip
+    assert pulled.num_bytes == GEOMETRY.total_bytes(len(PROMPT) - skip)
     for i, (k, v) in enumerate(kv):
         assert min(start for start, _, _ in cache.written[i]) == skip
         assert torch.equal(cache.layer(i)[0], k[:, skip:]) and torch.equal(cache.layer(i)[1], v[:, skip:])
 
 
-def test_a_header_that_skips_other_tokens_than_asked_is_refused():
-    out, _, cache = run([header(4), *sent_chunks(prompt_kv(), 4), KVFirstToken(7)], skip=6)
-    assert isinstance(out, KVTransferError) and "skips 4 leading tokens, 6 were asked" in str(out)
+def test_chunks_that_do_not_leave_out_the_skipped_tokens_are_refused():
+    out, _, cache = run([header(), *sent_chunks(prompt_kv(), 4), KVFirstToken(7)], skip=6)
+    assert isinstance(out, KVTransferError) and "does not continue at 6" in str(out)
     assert not cache.written
+
+
+def test_a_declined_transfer_ends_before_the_skip_with_the_prompt():
+    async def decline(prompt: list[int]) -> int:
+        raise transport.Declined(prompt)
+
+    out, source, cache = run([header(), *sent_chunks(prompt_kv()), KVFirstToken(7)], reserve=decline)
+    assert isinstance(out, transport.Declined) and out.prompt_token_ids == PROMPT
+    assert source.skipped is None and source.aborted and not cache.written
+
+
+def test_a_refused_reservation_ends_the_transfer_before_any_kv():
+    async def full(prompt: list[int]) -> int:
+        raise CapacityError("no room")
+
+    out, source, cache = run([header(), *sent_chunks(prompt_kv()), KVFirstToken(7)], reserve=full)
+    assert isinstance(out, CapacityError) and source.skipped is None and source.aborted and not cache.written
 
 
 def test_chunks_out_of_order_are_refused_before_the_second_is_written():
@@ -137,10 +165,10 @@ def test_a_damaged_payload_is_refused_by_its_checksum():
         source = Damaging("r")
         for m in [header(), *sent_chunks(prompt_kv()), KVFirstToken(7)]:
             source.post(m)
-        receiver = KVReceiver("r", PROMPT, "model-a", GEOMETRY, torch.float32)
+        receiver = KVReceiver("r", None, "model-a", GEOMETRY, torch.float32)
         cache = Cache()
         with pytest.raises(KVTransferError, match="chunk 3's payload does not match its checksum"):
-            await transport.pull(source, receiver, cache.write, 1.0)
+            await transport.pull(source, receiver, holding(0), cache.write, 1.0)
         assert sum(map(len, cache.written.values())) == 3 and source.aborted
 
     asyncio.run(main())
@@ -188,8 +216,8 @@ def test_a_cancelled_pull_aborts_the_source():
     async def main():
         source = InProcessKVSource("r")
         source.post(header())
-        receiver = KVReceiver("r", PROMPT, "model-a", GEOMETRY, torch.float32)
-        task = asyncio.create_task(transport.pull(source, receiver, Cache().write, 10.0))
+        receiver = KVReceiver("r", None, "model-a", GEOMETRY, torch.float32)
+        task = asyncio.create_task(transport.pull(source, receiver, holding(0), Cache().write, 10.0))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -203,7 +231,6 @@ def test_a_cancelled_pull_aborts_the_source():
     ({"fingerprint": "model-b"}, IncompatibleError, "prefill model model-b differs"),
     ({"geometry": dataclasses.replace(GEOMETRY, num_kv_heads=4)}, IncompatibleError, "KV layout"),
     ({"wire_version": WIRE_VERSION - 1}, IncompatibleError, "KV wire version"),
-    ({"prompt_token_ids": tuple(PROMPT[:-1]) + (5,)}, KVTransferError, "prompt tokens differ"),
     ({"request_id": "other"}, KVTransferError, "header for request 'other'"),
     ({"num_kv_bytes": 8}, KVTransferError, "announces 8 KV bytes"),
 ])
@@ -225,22 +252,23 @@ def test_a_sender_on_another_thread_feeds_the_source_through_its_loop():
     """The engine thread's side: a KVSender posting from another thread, as a prefill worker's does."""
     kv = prompt_kv()
 
-    async def main():
-        source = InProcessKVSource("r", asyncio.get_running_loop())
+    skip = 8
 
-        def prefill() -> None:
-            source.post(header())
-            sender = KVSender("r", GEOMETRY, source.post, SMALL)
+    async def main():
+        def prefill(num_skipped: int) -> None:  # starts once told what to skip, as a prefill worker does
+            sender = KVSender("r", GEOMETRY, source.post, SMALL, num_skipped_tokens=num_skipped)
             for layer, (k, v) in enumerate(kv):
                 sender.on_kv(layer, 0, k, v)
             source.post(KVFirstToken(9))
 
-        threading.Thread(target=prefill).start()
+        source = InProcessKVSource("r", asyncio.get_running_loop(),
+                                   on_skip=lambda n: threading.Thread(target=prefill, args=(n,)).start())
+        source.post(header())
         cache = Cache()
-        receiver = KVReceiver("r", PROMPT, "model-a", GEOMETRY, torch.float32)
-        return await transport.pull(source, receiver, cache.write, 5.0), cache
+        receiver = KVReceiver("r", None, "model-a", GEOMETRY, torch.float32)
+        return await transport.pull(source, receiver, holding(skip), cache.write, 5.0), cache
 
     pulled, cache = asyncio.run(main())
-    assert pulled.first_token.token_id == 9
+    assert pulled.first_token.token_id == 9 and pulled.num_cached_tokens == skip
     for i, (k, _) in enumerate(kv):
-        assert torch.equal(cache.layer(i)[0], k)
+        assert torch.equal(cache.layer(i)[0], k[:, skip:])

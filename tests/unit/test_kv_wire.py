@@ -60,6 +60,7 @@ def run_sender(max_chunk_bytes: int, kv: list[tuple[torch.Tensor, torch.Tensor]]
 def receiver(prompt: list[int]) -> KVReceiver:
     r = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16)
     r.on_header(KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, GEOMETRY.total_bytes(len(prompt))))
+    r.skip(0)
     return r
 
 
@@ -170,11 +171,17 @@ def test_skipped_tokens_are_left_out_and_the_receiver_expects_exactly_that(max_c
     for layer, (k, v) in enumerate(kv):
         sender.on_kv(layer, 6, k[:, 6:], v[:, 6:])
     assert sender.num_bytes == GEOMETRY.total_bytes(len(prompt) - skip)
-    header = KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, sender.num_bytes, skip)
-    with pytest.raises(KVTransferError, match="skips 4 leading tokens, 0 were asked"):
-        KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16).on_header(header)
-    r = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16, num_cached_tokens=skip)
+    header = KVHeaderData(WIRE_VERSION, "r", tuple(prompt), "fp", GEOMETRY, GEOMETRY.total_bytes(len(prompt)))
+    unskipped = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16)  # expects every token
+    unskipped.on_header(header)
+    unskipped.skip(0)
+    with pytest.raises(KVTransferError, match="does not continue at 0"):
+        unskipped.on_chunk(codec.prefill_response_from_bytes(codec.kv_chunk_response(chunks[0])))
+    r = KVReceiver("r", prompt, "fp", GEOMETRY, torch.bfloat16)
     r.on_header(header)
+    with pytest.raises(KVTransferError, match="10 skipped tokens leave none of the 10-token prompt"):
+        r.skip(10)
+    r.skip(skip)
     got: dict[int, list] = {}
     for c in chunks:
         for layer, start, k, v in r.on_chunk(codec.prefill_response_from_bytes(codec.kv_chunk_response(c))):

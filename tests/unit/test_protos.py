@@ -84,22 +84,22 @@ def test_stubs_expose_services():
 
 
 @pytest.mark.parametrize(
-    ("module", "service", "method", "server_streaming"),
+    ("module", "service", "method", "server_streaming", "client_streaming"),
     [
-        (router_pb2, "RouterService", "Generate", True),
-        (router_pb2, "RouterService", "ClusterStatus", False),
-        (router_pb2, "RouterService", "Register", False),
-        (router_pb2, "RouterService", "Heartbeat", False),
-        (prefill_pb2, "PrefillService", "Prefill", True),
-        (prefill_pb2, "PrefillService", "Stats", False),
-        (decode_pb2, "DecodeService", "Generate", True),
-        (decode_pb2, "DecodeService", "Stats", False),
+        (router_pb2, "RouterService", "Generate", True, False),
+        (router_pb2, "RouterService", "ClusterStatus", False, False),
+        (router_pb2, "RouterService", "Register", False, False),
+        (router_pb2, "RouterService", "Heartbeat", False, False),
+        (prefill_pb2, "PrefillService", "Prefill", True, True),  # the request, then the skip
+        (prefill_pb2, "PrefillService", "Stats", False, False),
+        (decode_pb2, "DecodeService", "Generate", True, False),
+        (decode_pb2, "DecodeService", "Stats", False, False),
     ],
 )
-def test_rpc_streaming_shape(module, service, method, server_streaming):
+def test_rpc_streaming_shape(module, service, method, server_streaming, client_streaming):
     rpc = module.DESCRIPTOR.services_by_name[service].methods_by_name[method]
     assert rpc.server_streaming is server_streaming
-    assert rpc.client_streaming is False
+    assert rpc.client_streaming is client_streaming
 
 
 # --- round trips and presence ------------------------------------------------------
@@ -272,9 +272,15 @@ def test_prefill_request_hints_are_optional():
     request = _round_trip(prefill_pb2.PrefillRequest(request=common_pb2.GenerateRequest(request_id="r", prompt="x")))
     assert not request.HasField("block_size")
     assert not request.HasField("max_chunk_bytes")
-    assert request.num_cached_tokens == 0
-    request = _round_trip(prefill_pb2.PrefillRequest(block_size=16, max_chunk_bytes=1 << 20, num_cached_tokens=32))
+    request = _round_trip(prefill_pb2.PrefillRequest(block_size=16, max_chunk_bytes=1 << 20))
     assert request.block_size == 16 and request.HasField("max_chunk_bytes")
+
+
+def test_a_prefill_call_sends_the_request_then_the_skip():
+    first = _round_trip(prefill_pb2.PrefillMessage(request=prefill_pb2.PrefillRequest(decode_worker_id="d")))
+    second = _round_trip(prefill_pb2.PrefillMessage(skip=prefill_pb2.KVSkip(num_cached_tokens=32)))
+    assert first.WhichOneof("kind") == "request" and first.request.decode_worker_id == "d"
+    assert second.WhichOneof("kind") == "skip" and second.skip.num_cached_tokens == 32
 
 
 def test_decode_generate_request_round_trip():

@@ -2,14 +2,19 @@
 
 Request lifecycle (one Generate stream):
 1. sampling parameters validated; the prompt goes remote when prefill candidates
-   are given (and it is not shorter than --local-prefill-below), else local;
-2. remote: open the first candidate's Prefill stream. On its header, check the
-   fingerprint and layout (FAILED_PRECONDITION on mismatch) and reserve blocks
-   (RESOURCE_EXHAUSTED when there is no room, before any KV moves);
+   are given, else it is preprocessed and prefilled here;
+2. remote: open the first candidate's Prefill call and send it the request, which
+   the prefill worker preprocesses (the request's one tokenization). On its header,
+   check the fingerprint and layout (FAILED_PRECONDITION on mismatch), look the
+   header's token ids up in the prefix cache and reserve blocks for the rest
+   (RESOURCE_EXHAUSTED when there is no room, before any KV moves), then tell the
+   prefill worker how many leading tokens to skip. A prompt whose uncached part is
+   shorter than --local-prefill-below is declined there and prefilled here from
+   the header's token ids;
 3. write each verified KV chunk into the reserved blocks; no chunk within
    --kv-stall-timeout-s, a dead peer or a chunk that does not check out drops the
    partial KV (its blocks freed) and the next candidate is tried after a bounded
-   exponential backoff; when all fail, the prompt is prefilled here;
+   exponential backoff; when all fail, the prompt is preprocessed and prefilled here;
 4. the first token (sampled by the prefill worker) is streamed at once, and the
    request joins the running batch;
 5. each step's tokens stream back as deltas; the last message carries finish
@@ -117,11 +122,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self._active[rid] = end_with
             params = wire.sampling_from_pb(request.request.sampling_params)
             generated = list(request.generated_token_ids)
-            prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
-            remote = False
+            remote, prompt = False, None
             if request.prefill_candidates and not generated:
-                remote = await self._prefill_remotely(rid, request, prompt, params, sink, attempt, context)
+                remote, prompt = await self._prefill_remotely(rid, request, params, sink, attempt, context)
             if not remote:
+                if prompt is None:
+                    prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
                 await asyncio.wrap_future(w.loop.submit(rid, prompt, params, sink, generated or None))
             index = len(generated)
             ttft_ms = None
@@ -194,22 +200,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     # -- remote prefill -------------------------------------------------------------
 
-    async def _prefill_remotely(self, rid, request, prompt: list[int], params: SamplingParams, sink,
-                                attempt: _Attempt, context) -> bool:
-        """Import the prompt's KV from the first candidate that delivers it; False: prefill locally."""
+    async def _prefill_remotely(self, rid, request, params: SamplingParams, sink, attempt: _Attempt,
+                                context) -> tuple[bool, list[int] | None]:
+        """Import the prompt's KV from the first candidate that delivers it: (True, None). (False, the
+        prompt's token ids or None): prefill locally, the ids learned from a declined transfer."""
         w = self.worker
-        if self.options.local_prefill_below:  # what is left once this worker's prefix cache is counted
-            num_cached = await asyncio.wrap_future(w.loop.num_cached_prefix_tokens(prompt))
-            if len(prompt) - num_cached < self.options.local_prefill_below:
-                return False
         for i, candidate in enumerate(request.prefill_candidates):
             if i:
                 await asyncio.sleep(min(BACKOFF_BASE_S * 2 ** (i - 1), BACKOFF_MAX_S))
             attempt.num_attempts += 1
             attempt.prefill_worker_id = candidate.worker_id or candidate.address
             try:
-                await self._pull(rid, request.request, prompt, params, candidate.address, sink, attempt, context)
-                return True
+                await self._pull(rid, request.request, params, candidate.address, sink, attempt, context)
+                return True, None
+            except kv_transport.Declined as declined:
+                attempt.prefill_worker_id = w.worker_id
+                return False, declined.prompt_token_ids
             except (IncompatibleError, CapacityError):
                 raise
             except KVTransferError as exc:
@@ -224,24 +230,30 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 # Drop whatever KV arrived; its blocks are freed before the next attempt's reservation.
                 w.loop.abort(rid)
         attempt.prefill_worker_id = w.worker_id
-        return False
+        return False, None
 
-    async def _pull(self, rid, gen_request, prompt: list[int], params, address: str, sink, attempt: _Attempt,
-                    context) -> None:
+    async def _pull(self, rid, gen_request, params, address: str, sink, attempt: _Attempt, context) -> None:
         w = self.worker
         with tracing.span(SpanName.KV_RECEIVE, {Attr.REQUEST_ID: rid, Attr.KV_PEER: address},
                           kind=tracing.SpanKind.CLIENT):
-            # Blocks reserved before any KV moves (RESOURCE_EXHAUSTED otherwise); the prefix this worker
-            # holds in its cache is taken from there, and the prefill worker asked to skip it.
-            num_cached = await asyncio.wrap_future(w.loop.reserve_remote(rid, prompt, params))
-            request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id,
-                                                 num_cached_tokens=num_cached)
+            request = prefill_pb2.PrefillRequest(request=gen_request, decode_worker_id=w.worker_id)
             request.request.request_id = rid
             source = self._stub(address).open(request, timeout=context.time_remaining(),
                                               metadata=tracing.inject_metadata())
-            receiver = KVReceiver(rid, prompt, w.fingerprint, w.geometry, w.engine.dtype, num_cached)
+            # The prefill worker tokenizes: the header's token ids are the prompt.
+            receiver = KVReceiver(rid, None, w.fingerprint, w.geometry, w.engine.dtype)
+
+            async def reserve(prompt: list[int]) -> int:
+                """Blocks reserved before any KV moves (RESOURCE_EXHAUSTED otherwise); the prefix this
+                worker holds in its cache is taken from there, and the prefill worker told to skip it."""
+                if self.options.local_prefill_below:  # what is left once the prefix cache is counted
+                    num_cached = await asyncio.wrap_future(w.loop.num_cached_prefix_tokens(prompt))
+                    if len(prompt) - num_cached < self.options.local_prefill_below:
+                        raise kv_transport.Declined(prompt)
+                return await asyncio.wrap_future(w.loop.reserve_remote(rid, prompt, params))
+
             write = lambda parts: asyncio.wrap_future(w.loop.write_kv(rid, parts))  # noqa: E731
-            pulled = await kv_transport.pull(source, receiver, write, self.options.kv_stall_timeout_s)
+            pulled = await kv_transport.pull(source, receiver, reserve, write, self.options.kv_stall_timeout_s)
             attempt.kv_bytes = pulled.num_bytes
             attempt.kv_transfer_ms = pulled.transfer_s * 1e3
             attempt.prefill_ms = pulled.first_token.prefill_ms

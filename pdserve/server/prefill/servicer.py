@@ -1,15 +1,20 @@
 """pdserve-prefill: preprocessing and prefill; streams each prompt's KV and first token.
 
-Request lifecycle (one Prefill stream):
-1. preprocess: sampling parameters validated, chat template applied, prompt
-   tokenized (through the preprocessing cache) and checked against the context;
+Request lifecycle (one bidirectional Prefill call):
+1. the request arrives; preprocess: sampling parameters validated, chat template
+   applied, prompt tokenized (through the preprocessing cache) and checked against
+   the context. This is the request's one tokenization: the decode worker takes
+   the token ids from the header;
 2. header sent: prompt token ids, model fingerprint, KV layout and byte count;
-3. queued in the engine as a one-token request that exports its KV: the
+3. the decode worker answers with the leading tokens it holds (the skip), within
+   SKIP_TIMEOUT_S;
+4. queued in the engine as a one-token request that exports its KV: the
    scheduler batches it with other pending prompts (chunked to the budget);
-4. as each layer's KV is computed (or at once, for a cached prefix), the engine
-   thread hands it to the request's KVSender, which cuts it into numbered chunks,
-   encodes them there and posts them to the stream (transfer overlaps compute);
-5. the sampled first token ends the stream. A cancelled stream (the decode
+5. as each layer's KV is computed (or at once, for a cached prefix), the engine
+   thread hands it to the request's KVSender, which leaves out the skipped tokens,
+   cuts the rest into numbered chunks, encodes them there and posts them to the
+   stream (transfer overlaps compute);
+6. the sampled first token ends the stream. A cancelled stream (the decode
    worker gave up) aborts the request, freeing its blocks within one step.
 """
 
@@ -26,7 +31,7 @@ import grpc
 
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.errors import FatalError, InvalidRequestError, PdserveError
+from pdserve.errors import DeadlineError, FatalError, InvalidRequestError, PdserveError
 from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.codec import kv_chunk_response
 from pdserve.kv_transfer.grpc_stream import SERVICE_NAME, add_prefill_service
@@ -39,6 +44,11 @@ from pdserve.server.worker import Worker, add_worker_args, run_worker
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
+# The decode worker's skip follows the header after one round trip and its reservation, which
+# waits for its engine thread's step in progress: seconds at worst (a long local prefill).
+SKIP_TIMEOUT_S = 30.0
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, worker: Worker, faults: FaultInjector | None = None,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
@@ -50,7 +60,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     async def Stats(self, request, context):
         return await self.worker.stats_response()
 
-    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+    async def Prefill(self, messages, context: grpc.aio.ServicerContext):
+        """`messages` is left unread: the call's messages are read one at a time (context.read)."""
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "request":
+            await abort_with(context, InvalidRequestError("request", "a Prefill call starts with the request"))
+        request = first.request
         rid = request.request.request_id or uuid.uuid4().hex
         with observe.server_span(SpanName.PREFILL_REQUEST, context, {Attr.REQUEST_ID: rid,
                                                                      Attr.WORKER_ID: self.worker.worker_id}):
@@ -67,9 +82,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 params = wire.sampling_from_pb(request.request.sampling_params)
                 prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
                 w.loop.validate_prompt(prompt, params, request_id=rid)
-                if request.num_cached_tokens >= len(prompt):
-                    raise InvalidRequestError("num_cached_tokens", f"{request.num_cached_tokens} leaves none of "
-                                              f"the {len(prompt)}-token prompt to send", request_id=rid)
             except PdserveError:
                 w.metrics.inc_preprocessing_failure()
                 raise
@@ -88,14 +100,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             observe.failed(w.metrics, exc)
             await abort_with(context, exc)
         self._running.add(rid)
-        # Submitted before the header goes out: the engine looks the prompt up and starts
-        # exporting its KV while the header is sent (the chunks wait in the outbox).
-        submitted_ns = time.time_ns()
-        submitted, sender, outbox = self._submit(rid, request, params, prompt)
         w.pending_prefill_tokens += len(prompt)
         finished = False
         try:
             yield prefill_pb2.PrefillResponse(header=self._header(rid, request, prompt))
+            num_skipped = await self._read_skip(rid, context, len(prompt))
+            submitted_ns = time.time_ns()
+            submitted, sender, outbox = self._submit(rid, request, params, prompt, num_skipped)
             await asyncio.wrap_future(submitted)
             async for chunk in outbox.chunks():
                 yield chunk if isinstance(chunk, bytes) else await self.faults.encode(chunk, kv_chunk_response)
@@ -119,15 +130,29 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if not finished:
                 w.loop.abort(rid)
 
+    async def _read_skip(self, rid: str, context: grpc.aio.ServicerContext, num_prompt_tokens: int) -> int:
+        """The decode worker's second message: how many leading prompt tokens not to send."""
+        try:
+            msg = await asyncio.wait_for(context.read(), SKIP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise DeadlineError(f"no skip within {SKIP_TIMEOUT_S:g} s of the header", request_id=rid) from None
+        if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "skip":
+            raise InvalidRequestError("skip", "a Prefill call's second message is the skip", request_id=rid)
+        num_skipped = msg.skip.num_cached_tokens
+        if num_skipped >= num_prompt_tokens:
+            raise InvalidRequestError("skip.num_cached_tokens", f"{num_skipped} leaves none of the "
+                                      f"{num_prompt_tokens}-token prompt to send", request_id=rid)
+        return num_skipped
+
     def _submit(self, rid: str, request: prefill_pb2.PrefillRequest, params: SamplingParams,
-                prompt: list[int]) -> tuple[Future[None], KVSender, KVOutbox]:
+                prompt: list[int], num_skipped: int) -> tuple[Future[None], KVSender, KVOutbox]:
         """Queue the request in the engine, its KV and outputs routed to a new outbox: (future, sender, outbox)."""
         w = self.worker
         outbox = KVOutbox(asyncio.get_running_loop())
         # Chunks are encoded on the engine thread, unless fault injection may damage them first.
         encode = kv_chunk_response if self.faults.action is None else None
         sender = KVSender(rid, w.geometry, outbox.post, self._chunk_bytes(request), encode,
-                          num_skipped_tokens=request.num_cached_tokens)
+                          num_skipped_tokens=num_skipped)
         # The first token is sampled here with the request's own parameters; the rest is decode's.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
         kv_sink = lambda _rid, layer, start, k, v: sender.on_kv(layer, start, k, v)  # noqa: E731
@@ -158,10 +183,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         w = self.worker
         return prefill_pb2.KVHeader(
             wire_version=WIRE_VERSION, request_id=rid, prompt_token_ids=prompt, num_prompt_tokens=len(prompt),
-            model=w.fingerprint_pb, kv_layout=w.layout_pb,
-            num_kv_bytes=w.geometry.total_bytes(len(prompt) - request.num_cached_tokens),
-            chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)),
-            num_skipped_tokens=request.num_cached_tokens, prefill_worker_id=w.worker_id)
+            model=w.fingerprint_pb, kv_layout=w.layout_pb, num_kv_bytes=w.geometry.total_bytes(len(prompt)),
+            chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)), prefill_worker_id=w.worker_id)
 
     def _first_token(self, rid: str, out: RequestOutput, started: float) -> prefill_pb2.FirstToken:
         total_ms = (time.monotonic() - started) * 1e3
