@@ -1,3 +1,3 @@
-from pdserve.server.decode.servicer import main
+from pdserve.server.decode.main import main
 
 main()

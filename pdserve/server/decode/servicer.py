@@ -23,7 +23,6 @@ Request lifecycle (one Generate stream):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -44,7 +43,7 @@ from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, streams, wire
 from pdserve.server.streams import SlowReaders
-from pdserve.server.worker import Worker, add_worker_args, run_worker
+from pdserve.server.worker import Worker
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 
@@ -283,33 +282,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return wire.result_to_pb(out, timings, request_id=rid, prefill_worker_id=attempt.prefill_worker_id
                                  or self.worker.worker_id, decode_worker_id=self.worker.worker_id,
                                  prefill_mode=mode, num_prefill_attempts=attempt.num_attempts)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve-decode", description="pdserve decode worker")
-    add_worker_args(p, default_kv_gib=2.0)
-    p.add_argument("--kv-stall-timeout-s", type=float, default=5.0)
-    p.add_argument("--local-prefill-below", type=int, default=0,
-                   help="prefill prompts shorter than this many tokens locally")
-    streams.add_args(p)
-    p.add_argument("--max-output-backlog", type=int, default=1024,
-                   help="outputs of one request made but not yet sent; beyond it the request is aborted")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    options = DecodeOptions(args.kv_stall_timeout_s, args.local_prefill_below, args.slow_reader_timeout_s,
-                            args.max_output_backlog)
-
-    def add(worker: Worker, server) -> None:
-        servicer = DecodeServicer(worker, options)
-        decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
-        worker.on_grace_end.append(servicer.evict_all)
-
-    run_worker(args, common_pb2.WORKER_ROLE_DECODE, decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
-               add)
-
-
-if __name__ == "__main__":
-    main()

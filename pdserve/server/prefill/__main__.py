@@ -1,3 +1,3 @@
-from pdserve.server.prefill.servicer import main
+from pdserve.server.prefill.main import main
 
 main()

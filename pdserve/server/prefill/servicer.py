@@ -20,7 +20,6 @@ Request lifecycle (one bidirectional Prefill call):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import time
@@ -34,15 +33,14 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import DeadlineError, FatalError, InvalidRequestError, PdserveError
 from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.codec import kv_chunk_response
-from pdserve.kv_transfer.grpc_stream import SERVICE_NAME, add_prefill_service
 from pdserve.kv_transfer.sender import KVOutbox, KVSender
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, wire
 from pdserve.server.prefill.faults import FaultInjector
-from pdserve.server.worker import Worker, add_worker_args, run_worker
+from pdserve.server.worker import Worker
 from pdserve.status import abort_with
-from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 # The decode worker's skip follows the header after one round trip and its reservation, which
 # waits for its engine thread's step in progress: seconds at worst (a long local prefill).
@@ -195,23 +193,3 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if out.logprobs and out.logprobs[0] is not None:
             first.logprobs.CopyFrom(wire.logprobs_to_pb(out.logprobs[0]))
         return first
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve-prefill", description="pdserve prefill worker")
-    add_worker_args(p, default_kv_gib=1.0)
-    p.add_argument("--kv-chunk-bytes", type=int, default=MAX_CHUNK_BYTES,
-                   help="most K plus V bytes per KV chunk message (a decode worker may ask for fewer)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.kv_chunk_bytes < 1:
-        raise SystemExit("pdserve-prefill: error: --kv-chunk-bytes: must be >= 1")
-    run_worker(args, common_pb2.WORKER_ROLE_PREFILL, SERVICE_NAME, lambda worker, server: add_prefill_service(
-        PrefillServicer(worker, max_chunk_bytes=args.kv_chunk_bytes), server))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,3 +1,3 @@
-from pdserve.server.router.servicer import main
+from pdserve.server.router.main import main
 
 main()
