@@ -80,3 +80,38 @@ def test_unknown_model_is_404_and_models_lists_the_served_one(served):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=5)
     assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == "body"
+
+
+def post(http: str, path: str, body: dict, headers: dict | None = None):
+    """(status, response headers, body text) of a JSON POST."""
+    request = urllib.request.Request(f"{http}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def test_the_callers_request_id_is_the_requests_and_comes_back(served):
+    _, _, http = served
+    body = {"model": "default", "prompt": PROMPT_IDS, "max_tokens": 3}
+    status, headers, text = post(http, "/v1/completions", body, {"X-Request-Id": "caller-id-1"})
+    assert status == 200 and headers["X-Request-Id"] == "caller-id-1"
+    assert json.loads(text)["id"] == "cmpl-caller-id-1"
+    status, headers, text = post(http, "/v1/completions", {**body, "stream": True}, {"X-Request-Id": "caller-id-2"})
+    assert status == 200 and headers["X-Request-Id"] == "caller-id-2" and text.rstrip().endswith("data: [DONE]")
+    status, headers, text = post(http, "/v1/completions", body)  # none given: a new one, echoed
+    generated = headers["X-Request-Id"]
+    assert status == 200 and len(generated) == 32 and json.loads(text)["id"] == f"cmpl-{generated}"
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "caf\u00e9"])
+def test_a_bad_request_id_is_400_naming_the_header(served, bad):
+    _, oai, http = served
+    header = bad.encode("utf-8").decode("latin-1")  # as it crosses HTTP
+    status, headers, text = post(http, "/v1/completions", {"prompt": PROMPT_IDS, "max_tokens": 2},
+                                 {"X-Request-Id": header})
+    assert status == 400 and json.loads(text)["error"]["param"] == "X-Request-Id"
+    assert len(headers["X-Request-Id"]) == 32  # the refusal carries an id of its own
+    assert oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=2).choices[0].text is not None

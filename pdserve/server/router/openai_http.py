@@ -13,6 +13,11 @@ keys: `Authorization: Bearer KEY`); an unknown model 404; no room 429; no
 worker 503; a deadline 504. An error after the stream began is one `data:
 {"error": ...}` event before [DONE]. Not supported (400, named): n > 1, best_of,
 echo, logit_bias, logprobs, suffix, tools.
+
+Every request has an id: the caller's `X-Request-Id` header (1-128 printable ASCII characters,
+no spaces; 400 otherwise) or a new one. It is the request's id through the cluster (so
+also in the response's `id`) and comes back in the response's `X-Request-Id` header, errors
+and event streams included.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import ssl
 import time
 import uuid
@@ -46,6 +52,8 @@ _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (AuthenticationE
 _SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
              "top_k", "min_p", "repetition_penalty", "ignore_eos")
 _UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "suffix", "tools", "functions")
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 
 
 class OpenAIServer:
@@ -58,7 +66,8 @@ class OpenAIServer:
         self.timeout_s = timeout_s
         self.keys = keys or ApiKeys([])
         self.ssl_context = ssl_context
-        app = web.Application(client_max_size=8 * 2**20, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=8 * 2**20, middlewares=[_request_id, self._authenticate])
+        app.on_response_prepare.append(_echo_request_id)
         app.add_routes([web.get("/health", self._health), web.get("/v1/models", self._models),
                         web.post("/v1/completions", self._completions),
                         web.post("/v1/chat/completions", self._chat)])
@@ -105,7 +114,7 @@ class OpenAIServer:
     async def _generate(self, http: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = await _json_body(http)
-            pb = self._request_pb(body, chat)
+            pb = self._request_pb(body, chat, http["request_id"])
         except PdserveError as exc:
             return _error_response(exc)
         pb.version = http.headers.get("X-Pdserve-Version", "")  # A/B: pin a rollout version
@@ -132,7 +141,7 @@ class OpenAIServer:
             finally:
                 readers.release(watch)
 
-    def _request_pb(self, body: dict, chat: bool):
+    def _request_pb(self, body: dict, chat: bool, request_id: str):
         model = body.get("model")
         if model not in (None, "", self.model_name):
             raise NotFoundError(f"model: {model!r} is not served here (GET /v1/models lists {self.model_name!r})")
@@ -160,7 +169,24 @@ class OpenAIServer:
             elif not isinstance(prompt, str):
                 raise InvalidRequestError("prompt", "must be a string or a list of token ids (one prompt)")
         return request_pb(prompt=prompt, messages=messages, prompt_token_ids=token_ids, sampling=sampling,
-                          request_id=uuid.uuid4().hex)
+                          request_id=request_id)
+
+
+@web.middleware
+async def _request_id(request: web.Request, handler) -> web.StreamResponse:
+    """The request's id, from the caller's header or new; `_echo_request_id` sends it back."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    request["request_id"] = given if given is not None else uuid.uuid4().hex
+    if given is not None and not _REQUEST_ID.fullmatch(given):
+        request["request_id"] = uuid.uuid4().hex  # the refusal still carries an id
+        return _error_response(InvalidRequestError(REQUEST_ID_HEADER, "must be 1 to 128 printable ASCII "
+                                                                      "characters without spaces"))
+    return await handler(request)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if "request_id" in request:
+        response.headers[REQUEST_ID_HEADER] = request["request_id"]
 
 
 # -- responses ---------------------------------------------------------------------------------
