@@ -43,13 +43,13 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 
+from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve.engine.model_loader import default_model_path, dtype_name, resolve_dtype
 from pdserve.loadgen.arrivals import Arrivals
 from pdserve.loadgen.backends import LlamaServerBackend, PdserveBackend
 from pdserve.loadgen.cli import measure, report_run, warmup_requests
 from pdserve.loadgen.stats import RequestRecord, Slo, summarize
 from pdserve.loadgen.workloads import WorkloadSpec, build
-from pdserve.cluster import ClusterSpec, LocalCluster
-from pdserve.engine.model_loader import default_model_path, dtype_name, resolve_dtype
 
 RAMP_CONCURRENCY = 16
 LOAD_FRACTION = 0.7

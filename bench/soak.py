@@ -62,14 +62,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pdserve.errors
+from pdserve.client import AsyncClient
+from pdserve.cluster import Child, ClusterSpec, LocalCluster
 from pdserve.loadgen.arrivals import Arrivals
 from pdserve.loadgen.backend import BenchRequest
 from pdserve.loadgen.backends import PdserveBackend
 from pdserve.loadgen.runner import run
 from pdserve.loadgen.stats import RequestRecord, Slo, summarize
 from pdserve.loadgen.workloads import DEFAULT_TOKEN_RANGE
-from pdserve.client import AsyncClient
-from pdserve.cluster import Child, ClusterSpec, LocalCluster
 
 WARMUP_FRACTION = 0.2
 WINDOW_FRACTION = 0.1

@@ -45,13 +45,13 @@ KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 class EngineSnapshot:
     """The engine's state between steps, for load reports and metrics (made on the engine thread)."""
 
-    block_size: int = 0
-    kv: KVCacheStats | None = None
-    num_running: int = 0  # decoding or prefilling, plus those whose KV is arriving from elsewhere
-    num_waiting: int = 0
+    block_size: int
+    kv: KVCacheStats
+    num_running: int  # decoding or prefilling, plus those whose KV is arriving from elsewhere
+    num_waiting: int
     # Fraction of the slots in allocated blocks that hold no token (each sequence's last block's tail).
-    kv_fragmentation: float = 0.0
-    batch_fill_rate: float = 0.0  # tokens the last step computed / the step's token budget
+    kv_fragmentation: float
+    batch_fill_rate: float  # tokens the last step computed / the step's token budget
 
 
 def _default_kv_gib() -> float:

@@ -1,11 +1,11 @@
 """The gRPC KV transport: the bidirectional Prefill call between decode worker and prefill worker.
 
 Decode side: `PrefillStub.open` starts the call and returns a `GrpcKVSource`, which sends the
-request with its first read and the skip when told; its messages are the transport-free ones of
-`transport` (KV chunks as views of the received messages) and its failures are pdserve errors: the prefill worker's refusals (INVALID_ARGUMENT,
-RESOURCE_EXHAUSTED, FAILED_PRECONDITION) as the errors they stand for, anything else (a dead
-peer, a cancelled or expired call) as KVTransferError, which moves the request on to the next
-candidate. Prefill side: `add_prefill_service` registers the servicer so that KV chunks, made
+request with its first read and the skip when told. Its messages are the transport-free ones of
+`transport` (KV chunks as views of the received messages); its failures are pdserve errors: the
+prefill worker's refusals (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, FAILED_PRECONDITION) as the
+errors they stand for, anything else (a dead peer, a cancelled or expired call) as
+KVTransferError, which moves the request on to the next candidate. Prefill side: `add_prefill_service` registers the servicer so that KV chunks, made
 into messages on the engine thread (`codec.kv_chunk_response`), go out as the bytes they are.
 """
 

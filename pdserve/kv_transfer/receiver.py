@@ -141,7 +141,7 @@ class KVReceiver:
 
     def check_complete(self) -> None:
         rid = self.request_id
-        if self.header is None or self.num_cached_tokens is None:
+        if self.num_cached_tokens is None:  # set by skip(), which needs the header
             raise KVTransferError("stream ended before the header and the skip", request_id=rid)
         missing = [i for i, n in enumerate(self._layer_tokens) if n != self.num_prompt_tokens]
         if missing:

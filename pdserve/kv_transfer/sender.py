@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 

@@ -14,11 +14,11 @@ import shlex
 import sys
 from dataclasses import asdict
 
+from pdserve.client.connect import add_connect_args, connect_kwargs
 from pdserve.loadgen.arrivals import Arrivals
 from pdserve.loadgen.backend import Backend, BenchRequest
 from pdserve.loadgen.stats import RequestRecord, Slo, summarize
 from pdserve.loadgen.workloads import DEFAULT_TOKEN_RANGE, WORKLOADS, WorkloadSpec, build
-from pdserve.client.connect import add_connect_args, connect_kwargs
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -26,8 +26,8 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from pdserve.loadgen.backend import BenchRequest
 from pdserve.engine.model_loader import default_model_path, resolve_dtype
+from pdserve.loadgen.backend import BenchRequest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

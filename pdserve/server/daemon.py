@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -115,6 +116,23 @@ def channel(address: str) -> grpc.aio.Channel:
     if _tls is not None:
         return grpc.aio.secure_channel(address, _tls.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+StubT = TypeVar("StubT")
+
+
+class Stubs(Generic[StubT]):
+    """Stubs to peer daemons, one per address over its own channel, made on first use and kept."""
+
+    def __init__(self, make: Callable[[grpc.aio.Channel], StubT]) -> None:
+        self._make = make
+        self._stubs: dict[str, StubT] = {}
+
+    def __call__(self, address: str) -> StubT:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = self._make(channel(address))
+        return stub
 
 
 class Daemon:

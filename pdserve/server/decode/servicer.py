@@ -77,7 +77,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, worker: Worker, options: DecodeOptions) -> None:
         self.worker = worker
         self.options = options
-        self._stubs: dict[str, PrefillStub] = {}
+        self._stub = daemon.Stubs(PrefillStub)
         self.readers = SlowReaders(options.slow_reader_timeout_s, worker.metrics.inc_slow_reader_abort)
         self._active: dict[str, Callable[[PdserveError], None]] = {}  # request id -> end it with an error
 
@@ -258,12 +258,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             attempt.prefill_ms = pulled.first_token.prefill_ms
             tracing.set_attributes({Attr.KV_BYTES: pulled.num_bytes, Attr.KV_CHUNKS: pulled.num_chunks})
             await asyncio.wrap_future(w.loop.complete_remote(rid, pulled.first_token.token_id, sink))
-
-    def _stub(self, address: str) -> PrefillStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = PrefillStub(daemon.channel(address))
-        return stub
 
     def _result(self, rid, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
                 ttft_ms: float | None):

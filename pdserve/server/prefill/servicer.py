@@ -31,8 +31,8 @@ import grpc
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import DeadlineError, FatalError, InvalidRequestError, PdserveError
-from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.codec import kv_chunk_response
+from pdserve.kv_transfer.protocol import MAX_CHUNK_BYTES, WIRE_VERSION
 from pdserve.kv_transfer.sender import KVOutbox, KVSender
 from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName

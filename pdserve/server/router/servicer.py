@@ -40,16 +40,16 @@ import uuid
 import grpc
 
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
-from pdserve.routing.admission import Admission
-from pdserve.routing.placement import Placement, Placer
-from pdserve.routing.prefix_affinity import block_keys
-from pdserve.routing.rollout import Rollout
-from pdserve.routing.route import CallFailed, Relayed, Route, RouteLimits
-from pdserve.routing.registry import Registry
-from pdserve.routing.relays import Relays
 from pdserve.observability import tracing
 from pdserve.observability.metrics import Metrics
 from pdserve.observability.tracing import Attr, SpanName
+from pdserve.routing.admission import Admission
+from pdserve.routing.placement import Placement, Placer
+from pdserve.routing.prefix_affinity import block_keys
+from pdserve.routing.registry import Registry
+from pdserve.routing.relays import Relays
+from pdserve.routing.rollout import Rollout
+from pdserve.routing.route import CallFailed, Relayed, Route, RouteLimits
 from pdserve.server import daemon, observe, streams, wire
 from pdserve.server.router.membership import Membership
 from pdserve.server.streams import SlowReaders
@@ -57,7 +57,6 @@ from pdserve.status import abort_with, error_from_status
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
-
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -74,7 +73,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task] = set()
         self._running: set[str] = set()  # ids of the requests in flight: a duplicate id is refused
-        self._decode_stubs: dict[str, decode_pb2_grpc.DecodeServiceStub] = {}
+        self._decode_stub = daemon.Stubs(decode_pb2_grpc.DecodeServiceStub)
         self.membership = Membership(registry)
         self.relays = Relays(registry)
 
@@ -270,11 +269,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                 Attr.USAGE_OUTPUT_TOKENS: result.usage.completion_tokens,
                                 Attr.RESPONSE_FINISH_REASONS: [finish]})
 
-    def _decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
-        stub = self._decode_stubs.get(address)
-        if stub is None:
-            stub = self._decode_stubs[address] = decode_pb2_grpc.DecodeServiceStub(daemon.channel(address))
-        return stub
 
 def _log_retry(placement: Placement, code: str, error: PdserveError) -> None:
     decode = placement.decode
