@@ -8,6 +8,9 @@ calls it, so nothing here takes a lock. Request lifecycle:
    prompt found whole in the prefix cache whose logits are kept samples without
    computing: logits_cache.py), the output processor detokenizes and checks stop conditions.
 3. finished (stop, length, abort): blocks freed, a last RequestOutput emitted.
+A request with params.n > 1 prefills once: when its first token is sampled, from the
+same logits, samples 1..n-1 fork off it (`_fork`), sharing its prompt's full KV blocks and
+copying the partly filled last one; each then decodes, and finishes, on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pdserve.engine.model_loader import LoadedModel, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.outputs import OutputProcessor, RequestOutput
-from pdserve.engine.sampling import SampleOutput
+from pdserve.engine.sampling import SampleOutput, SamplingRow, TokenLogprobs, sample_seed
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
@@ -87,7 +90,8 @@ class LLMEngine:
         capacity = config.cache.num_cached_logits if config.cache.enable_prefix_caching else 0
         self.logits_cache = PromptLogitsCache(capacity)
         self.outputs = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Sequence] = {}  # by seq_id
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._pending: list[RequestOutput] = []
         self.num_steps = 0
         self.kv_export_sink: KVExportSink | None = None
@@ -153,11 +157,18 @@ class LLMEngine:
         slots = self.kv_cache.slots(seq.block_table, start, end)
         self.kv_cache.write_head_major(layer, slots, k.to(self.device), v.to(self.device))
 
-    def complete_remote_kv(self, request_id: str, first_token_id: int) -> None:
-        """The prompt's KV is written and its first token sampled remotely: start decoding."""
+    def complete_remote_kv(self, request_id: str, first_token_ids: list[int],
+                           logprobs: list[TokenLogprobs | None] | None = None) -> None:
+        """The prompt's KV is written and its first token sampled remotely (one per sample, params.n):
+        start decoding."""
         seq = self._remote_seq(request_id)
+        if len(first_token_ids) != seq.params.n or not all(0 <= t < self.spec.vocab_size for t in first_token_ids):
+            raise InvalidRequestError("first_token", f"{len(first_token_ids)} first token ids for "
+                                      f"n = {seq.params.n} samples, or one out of the vocabulary", request_id=request_id)
+        logprobs = logprobs or [None] * len(first_token_ids)
         self.scheduler.remote_complete(seq)
-        self._emit_token(seq, first_token_id, None)
+        self._fork(seq, list(zip(first_token_ids[1:], logprobs[1:])))
+        self._emit_token(seq, first_token_ids[0], logprobs[0])
 
     def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ([Hkv, T, D]) of positions [start, end) of a request still holding its blocks."""
@@ -167,8 +178,7 @@ class LLMEngine:
         return self.kv_cache.read(layer, seq.block_table, start, end)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.seqs.get(request_id)
-        if seq is not None and not seq.status.finished:
+        for seq in list(self.requests.get(request_id, ())):
             self._finish(seq, SequenceStatus.FINISHED_ABORTED, "")
 
     def has_unfinished(self) -> bool:
@@ -217,10 +227,11 @@ class LLMEngine:
             self.num_steps += 1
             if samples is not None:
                 self._keep_prompt_logits(sampled, logits)
-                self._process_samples([s.seq for s in sampled], samples)
+                self._process_samples([s.seq for s in sampled], samples, logits)
             if kept:
                 seqs = [s.seq for s in sched.scheduled if s.seq.request_id in kept]
-                self._process_samples(seqs, self.runner.sample(seqs, torch.stack([kept[q.request_id] for q in seqs])))
+                logits = torch.stack([kept[q.request_id] for q in seqs])
+                self._process_samples(seqs, self.runner.sample(seqs, logits), logits)
         else:
             self.last_step_tokens = 0
         return self.step_outputs()
@@ -275,9 +286,36 @@ class LLMEngine:
 
         return hook
 
-    def _process_samples(self, seqs: list[Sequence], samples: SampleOutput) -> None:
-        for seq, token_id, logprobs in zip(seqs, samples.token_ids, samples.logprobs):
+    def _process_samples(self, seqs: list[Sequence], samples: SampleOutput, logits: torch.Tensor) -> None:
+        for i, (seq, token_id, logprobs) in enumerate(zip(seqs, samples.token_ids, samples.logprobs)):
+            if seq.params.n > 1 and seq.index == 0 and seq.num_output_tokens == 0:
+                self._fork(seq, self._sample_first_tokens(seq, logits[i]))
             self._emit_token(seq, token_id, logprobs)
+
+    def _sample_first_tokens(self, parent: Sequence, logits: torch.Tensor) -> list[tuple[int, TokenLogprobs | None]]:
+        """The first tokens of samples 1..n-1, drawn from the [V] logits parent's first token came from."""
+        rows = [SamplingRow(parent.params, parent.num_tokens, parent.prompt_token_ids, (),
+                            sample_seed(parent.seed, index)) for index in range(1, parent.params.n)]
+        samples = self.runner.sampler(logits.unsqueeze(0).repeat(len(rows), 1), rows)
+        return list(zip(samples.token_ids, samples.logprobs))
+
+    def _fork(self, parent: Sequence, first_tokens: list[tuple[int, TokenLogprobs | None]]) -> None:
+        """Samples 1.. of parent's request, which has just computed its prompt, each with its first token."""
+        for index, (token_id, logprobs) in enumerate(first_tokens, start=1):
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.params,
+                             sample_seed(parent.seed, index), index=index)
+            child.arrival_time, child.first_scheduled_time = parent.arrival_time, parent.first_scheduled_time
+            self._track(child)
+            # A sample that ends at its first token needs no KV.
+            copy = self.kv.fork(parent, child) if parent.params.max_tokens > 1 else None
+            if copy is None:  # (or no free block: it computes its own KV, from the prefix cache, when it runs)
+                self.scheduler.add(child)
+            else:
+                src, dst, num_tokens = copy
+                if num_tokens:
+                    self.kv_cache.copy_prefix(src, dst, num_tokens)
+                self.scheduler.add_forked(child)
+            self._emit_token(child, token_id, logprobs)
 
     def _emit_token(self, seq: Sequence, token_id: int, logprobs) -> None:
         seq.append_token(token_id)
@@ -293,10 +331,14 @@ class LLMEngine:
     def _finish(self, seq: Sequence, status: SequenceStatus, text: str,
                 token_ids: list[int] | None = None, logprobs=None) -> None:
         self.scheduler.finish(seq, status)
-        self.outputs.remove(seq.request_id)
-        del self.seqs[seq.request_id]
+        self.outputs.remove(seq.seq_id)
+        del self.seqs[seq.seq_id]
+        samples = self.requests[seq.request_id]
+        samples.remove(seq)
+        if not samples:
+            del self.requests[seq.request_id]
         out = self._output(seq, token_ids or [], text, logprobs)
-        out.finished = True
+        out.finished = not samples
         out.finish_reason = status.value
         self._pending.append(out)
 
@@ -310,14 +352,14 @@ class LLMEngine:
             request_id=seq.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens, queue_s=queue_s, ttft_s=ttft_s,
-            num_preemptions=seq.num_preemptions,
+            num_preemptions=seq.num_preemptions, index=seq.index,
         )
 
     # -- checks -----------------------------------------------------------------
 
     def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams,
                       output: list[int] | None) -> Sequence:
-        if request_id in self.seqs:
+        if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.validate_prompt(prompt, params, num_output_tokens=len(output or ()), request_id=request_id)
         if output:
@@ -330,6 +372,9 @@ class LLMEngine:
         vocab = self.spec.vocab_size
         if any(not 0 <= t < vocab for t in output):
             raise InvalidRequestError("generated_token_ids", f"token ids must be in [0, {vocab})",
+                                      request_id=request_id)
+        if params.n > 1:
+            raise InvalidRequestError("n", "a request resumed from its generated tokens has one sample",
                                       request_id=request_id)
         if len(output) >= params.max_tokens:
             raise InvalidRequestError("generated_token_ids", f"{len(output)} tokens already reach max_tokens "
@@ -352,6 +397,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 "max_tokens", f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                 f"context of {self.max_model_len}", request_id=request_id)
+        # One sample at a time suffices (with n > 1, the others wait or are preempted while one runs).
         needed = self.kv.num_blocks_for(len(prompt) + params.max_tokens)
         if needed > self.kv.pool.num_blocks:
             raise CapacityError(
@@ -359,7 +405,8 @@ class LLMEngine:
                 request_id=request_id)
 
     def _track(self, seq: Sequence) -> None:
-        self.seqs[seq.request_id] = seq
+        self.seqs[seq.seq_id] = seq
+        self.requests.setdefault(seq.request_id, []).append(seq)
         self.outputs.add(seq)
 
     def _remote_seq(self, request_id: str) -> Sequence:

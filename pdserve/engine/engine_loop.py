@@ -37,6 +37,7 @@ import torch
 from pdserve.engine.engine import EngineSnapshot, KVExportSink, LLMEngine
 from pdserve.engine.models.llama import LayerHook
 from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import FatalError
 
@@ -119,12 +120,13 @@ class EngineLoop:
 
         return self.call(write)
 
-    def complete_remote(self, request_id: str, first_token_id: int, sink: Sink) -> Future[None]:
-        """A reserved request's KV is all written and its first token sampled elsewhere: decode it
-        here, its outputs (that first token first) to sink."""
+    def complete_remote(self, request_id: str, first_token_ids: list[int], sink: Sink,
+                        logprobs: list[TokenLogprobs | None] | None = None) -> Future[None]:
+        """A reserved request's KV is all written and its first tokens (one per sample) sampled
+        elsewhere: decode it here, its outputs (those first tokens first) to sink."""
         def complete(engine: LLMEngine) -> None:
             self._sinks[request_id] = sink
-            engine.complete_remote_kv(request_id, first_token_id)
+            engine.complete_remote_kv(request_id, first_token_ids, logprobs)
 
         return self.call(complete)
 

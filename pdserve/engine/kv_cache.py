@@ -58,6 +58,13 @@ class KVCache:
         """Slots of token positions [start, end) of a sequence, as a tensor on the cache's device."""
         return torch.tensor(self.slot_ids(block_table, start, end), dtype=torch.long, device=self.k[0].device)
 
+    def copy_prefix(self, src_block: int, dst_block: int, num_tokens: int) -> None:
+        """Copy the first num_tokens slots of a block into another, in every layer (a forked sample's
+        own copy of the partly filled block it shares with its parent)."""
+        src, dst = src_block * self.block_size, dst_block * self.block_size
+        for cache in (*self.k, *self.v):
+            cache[:, dst : dst + num_tokens].copy_(cache[:, src : src + num_tokens])
+
     def read(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [start, end) as [Hkv, T, D], for export.
 

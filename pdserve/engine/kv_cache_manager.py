@@ -99,6 +99,28 @@ class KVCacheManager:
             seq.block_table.append(self.pool.allocate().block_id)
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int, int] | None:
+        """Give child (a new sample of parent's prompt, nothing computed) parent's computed prompt KV.
+
+        The full blocks are shared (one more reference each); a partly filled last block cannot be,
+        since both will write their own tokens after it: child gets a fresh block for it. Returns
+        (parent's block, child's block, tokens to copy) for that one, (-1, -1, 0) without one, or
+        None (nothing changed) when the pool has no free block.
+        """
+        num_full, num_tail = divmod(parent.num_prompt_tokens, self.block_size)
+        if num_tail and self.pool.num_free == 0:
+            return None
+        for block_id in parent.block_table[:num_full]:
+            self.pool.take(self.pool.blocks[block_id])
+        child.block_table = parent.block_table[:num_full]
+        child.block_hashes = parent.block_hashes[:num_full]
+        child.num_computed_tokens = parent.num_prompt_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        if not num_tail:
+            return -1, -1, 0
+        child.block_table.append(self.pool.allocate().block_id)
+        return parent.block_table[num_full], child.block_table[-1], num_tail
+
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's newly full, computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:

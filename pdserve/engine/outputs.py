@@ -18,9 +18,12 @@ class RequestOutput:
     text: str
     # One entry per token in token_ids when the request asked for logprobs, else None.
     logprobs: list[TokenLogprobs | None] | None
+    # The request's last output: every one of its samples has finished.
     finished: bool = False
-    # "stop" | "length" | "abort" when finished.
+    # "stop" | "length" | "abort" when this output's sample has finished.
     finish_reason: str | None = None
+    # Which sample (0 .. params.n - 1) these tokens belong to.
+    index: int = 0
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
@@ -48,15 +51,15 @@ class OutputProcessor:
         if seq.num_resumed_tokens:
             # Tokens already streamed elsewhere: feed them so the next delta continues the text.
             detok.add(seq.output_token_ids)
-        self._detok[seq.request_id] = detok
+        self._detok[seq.seq_id] = detok
 
-    def remove(self, request_id: str) -> None:
-        self._detok.pop(request_id, None)
+    def remove(self, seq_id: str) -> None:
+        self._detok.pop(seq_id, None)
 
     def on_token(self, seq: Sequence, token_id: int) -> tuple[str, SequenceStatus | None]:
         """Text delta for a newly appended token, and the finished state it causes, if any."""
         params = seq.params
-        detok = self._detok[seq.request_id]
+        detok = self._detok[seq.seq_id]
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             return detok.add([token_id]).text + detok.flush(), SequenceStatus.FINISHED_STOPPED
         delta = detok.add([token_id])

@@ -65,6 +65,12 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed` (n > 1): sample 0 keeps the
+    request's own, so its tokens are those the request would get with n = 1."""
+    return seed if index == 0 else _splitmix64(seed ^ _splitmix64(index)) >> 1
+
+
 def draw_key(seed: int, position: int) -> int:
     """The generator seed for the token at `position` of a request seeded with `seed`."""
     key = _splitmix64(_splitmix64(seed) ^ position)

@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
+MAX_N = 128  # OpenAI's limit on samples per request
 # Below this temperature, logits / temperature can overflow float32; such rows are greedy.
 MIN_TEMPERATURE = 1e-5
 
@@ -61,9 +62,12 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: off; else the number of top alternatives (0..MAX_LOGPROBS) reported per token.
     logprobs: int | None = None
+    # Independent samples of the same prompt: one prefill, n decodes sharing its KV blocks.
+    n: int = 1
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("n", self.n, 1, MAX_N)
         _check_int("top_k", self.top_k, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED - 1)

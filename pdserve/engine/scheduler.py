@@ -76,6 +76,11 @@ class Scheduler:
         self.remote[seq.request_id] = seq
         return True
 
+    def add_forked(self, seq: Sequence) -> None:
+        """A forked sample that holds its prompt's KV (KVCacheManager.fork): it decodes from the next step."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def remote_complete(self, seq: Sequence) -> None:
         """The remote KV of seq's prompt is in its blocks: join the running batch."""
         del self.remote[seq.request_id]

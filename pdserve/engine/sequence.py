@@ -43,8 +43,13 @@ class Sequence:
         params: SamplingParams,
         seed: int,
         output_token_ids: list[int] | None = None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
+        # Which of the request's params.n samples this is; sample 0 is the one that prefills.
+        self.index = index
+        # The engine's key: the request's id for sample 0, made unique for the others.
+        self.seq_id = request_id if index == 0 else f"{request_id}\x00{index}"
         self.params = params
         # The effective sampling seed: params.seed, or one drawn at submission.
         self.seed = seed

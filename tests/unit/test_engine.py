@@ -197,7 +197,7 @@ def test_exported_kv_imported_elsewhere_gives_identical_output(tiny_loaded, refe
     assert dst.step() == []  # not scheduled while its KV is missing
     for _, layer, start, k, v in chunks:
         dst.write_kv("p", layer, start, k, v)
-    dst.complete_remote_kv("p", first[0])
+    dst.complete_remote_kv("p", first[:1])
     outs = run_to_completion(dst)
     assert tokens_of(outs["p"]) == refs["llama"][6]  # the first token streams from dst too
     assert first == refs["llama"][6][:1]
@@ -229,7 +229,7 @@ def test_a_remote_prompt_takes_its_cached_prefix_and_only_the_rest_is_written(ti
         if end > 16:
             cut = max(0, 16 - start)
             dst.write_kv("p", layer, start + cut, k[:, cut:], v[:, cut:])
-    dst.complete_remote_kv("p", first[0])
+    dst.complete_remote_kv("p", first[:1])
     assert tokens_of(run_to_completion(dst)["p"]) == refs["llama"][6]
     assert dst.stats().num_used == 0
 

@@ -257,7 +257,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             attempt.kv_transfer_ms = pulled.transfer_s * 1e3
             attempt.prefill_ms = pulled.first_token.prefill_ms
             tracing.set_attributes({Attr.KV_BYTES: pulled.num_bytes, Attr.KV_CHUNKS: pulled.num_chunks})
-            await asyncio.wrap_future(w.loop.complete_remote(rid, pulled.first_token.token_id, sink))
+            await asyncio.wrap_future(w.loop.complete_remote(rid, [pulled.first_token.token_id], sink))
 
     def _result(self, rid, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
                 ttft_ms: float | None):
