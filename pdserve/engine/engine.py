@@ -158,10 +158,16 @@ class LLMEngine:
         self.kv_cache.write_head_major(layer, slots, k.to(self.device), v.to(self.device))
 
     def complete_remote_kv(self, request_id: str, first_token_ids: list[int],
-                           logprobs: list[TokenLogprobs | None] | None = None) -> None:
-        """The prompt's KV is written and its first token sampled remotely (one per sample, params.n):
-        start decoding."""
+                           logprobs: list[TokenLogprobs | None] | None = None,
+                           prompt_logprobs: list[TokenLogprobs | None] | None = None) -> None:
+        """The prompt's KV is written and its first token sampled remotely (one per sample, params.n),
+        with its prompt logprobs when params.prompt_logprobs asks: start decoding."""
         seq = self._remote_seq(request_id)
+        if (prompt_logprobs is None) != (seq.params.prompt_logprobs is None) or (
+                prompt_logprobs is not None and len(prompt_logprobs) != seq.num_prompt_tokens):
+            raise InvalidRequestError("prompt_logprobs", f"{len(prompt_logprobs or ())} entries for a "
+                                      f"{seq.num_prompt_tokens}-token prompt", request_id=request_id)
+        seq.prompt_logprobs = prompt_logprobs
         if len(first_token_ids) != seq.params.n or not all(0 <= t < self.spec.vocab_size for t in first_token_ids):
             raise InvalidRequestError("first_token", f"{len(first_token_ids)} first token ids for "
                                       f"n = {seq.params.n} samples, or one out of the vocabulary", request_id=request_id)
@@ -348,8 +354,10 @@ class LLMEngine:
             queue_s = seq.first_scheduled_time - seq.arrival_time
         if seq.first_token_time is not None:
             ttft_s = seq.first_token_time - seq.arrival_time
+        first = seq.index == 0 and token_ids and seq.num_output_tokens - seq.num_resumed_tokens == len(token_ids)
         return RequestOutput(
             request_id=seq.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+            prompt_logprobs=seq.prompt_logprobs if first else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens, queue_s=queue_s, ttft_s=ttft_s,
             num_preemptions=seq.num_preemptions, index=seq.index,

@@ -44,7 +44,9 @@ class KVCacheManager:
         They may cover every token; `allocate` then leaves the last one to recompute
         (its logits give the next token) without writing into the shared block.
         """
-        return [] if seq.block_table else self.cached_blocks(seq.token_ids)
+        if seq.block_table or seq.prompt_logprobs is not None:  # those need every prompt position's logits
+            return []
+        return self.cached_blocks(seq.token_ids)
 
     def cached_blocks(self, token_ids: list[int]) -> list[Block]:
         """Cached blocks holding the start of these tokens; the pool is not changed."""

@@ -13,9 +13,13 @@ from pdserve.engine.attention import AttentionBackend, AttentionMetadata
 from pdserve.engine.compiled_decode import CompiledDecode
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import LayerHook, LlamaModel
-from pdserve.engine.sampling import Sampler, SampleOutput, SamplingRow
+from pdserve.engine.sampling import Sampler, SampleOutput, SamplingRow, token_logprobs
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
+
+
+# Prompt logprobs: rows turned into [rows, V] logits at a time (2048 x 49152 floats would be 400 MB).
+_PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -38,6 +42,8 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(ordered, bucket)
         layer_fn = None if bucket is None else self.compiled.layer_fn
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, layer_hook, layer_fn)
+        if any(s.seq.prompt_logprobs is not None for s in ordered):
+            self._record_prompt_logprobs(ordered, hidden)
         sampling, rows = [], []
         row = 0
         for s in ordered:
@@ -53,6 +59,26 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleOutput:
         """One token per sequence from its [N, V] logits (those of its last position)."""
         return self.sampler(logits, [self._sampling_row(seq) for seq in seqs])
+
+    def _record_prompt_logprobs(self, ordered: list[ScheduledSeq], hidden: torch.Tensor) -> None:
+        """Append to each asking sequence's prompt_logprobs those of the prompt tokens its rows predict.
+
+        Row j (position p) predicts the token at p + 1. Positions already recorded (a preempted sequence
+        computes its prompt again) are skipped; logits are made _PROMPT_LOGITS_ROWS rows at a time.
+        """
+        row = 0
+        for s in ordered:
+            seq, start, first_row = s.seq, s.seq.num_computed_tokens, row
+            row += s.num_new_tokens
+            if seq.prompt_logprobs is None:
+                continue
+            lo = max(start, len(seq.prompt_logprobs) - 1)
+            hi = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            for a in range(lo, hi, _PROMPT_LOGITS_ROWS):
+                b = min(a + _PROMPT_LOGITS_ROWS, hi)
+                logits = self.model.logits(hidden[first_row + a - start : first_row + b - start])
+                seq.prompt_logprobs.extend(token_logprobs(logits, seq.token_ids[a + 1 : b + 1],
+                                                          seq.params.prompt_logprobs or 0))
 
     def _prepare(self, ordered: list[ScheduledSeq],
                  bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -24,6 +24,8 @@ class RequestOutput:
     finish_reason: str | None = None
     # Which sample (0 .. params.n - 1) these tokens belong to.
     index: int = 0
+    # With params.prompt_logprobs, on sample 0's first output: one entry per prompt token (None for the first).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0

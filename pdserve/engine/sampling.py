@@ -279,6 +279,18 @@ def _keep_best(
     return keep, settled
 
 
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], num_top: int) -> list[TokenLogprobs]:
+    """The logprob of token_ids[i] under row i of [N, V] logits, with the row's num_top best."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    ids = torch.tensor(list(token_ids), device=logits.device)
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    if not num_top:
+        return [TokenLogprobs(t, lp, []) for t, lp in zip(token_ids, chosen)]
+    top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+    return [TokenLogprobs(t, lp, list(zip(i, p))) for t, lp, i, p in zip(token_ids, chosen, top_ids.tolist(),
+                                                                         top_lp.tolist())]
+
+
 def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) -> list[TokenLogprobs | None]:
     """Logprobs of the chosen and top-n tokens, for the rows that asked for them."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]

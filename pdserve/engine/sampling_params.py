@@ -62,6 +62,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: off; else the number of top alternatives (0..MAX_LOGPROBS) reported per token.
     logprobs: int | None = None
+    # None: off; else report each prompt token's logprob (from the second on), with this many
+    # top alternatives (0..MAX_LOGPROBS). Such a prompt is computed whole: no prefix-cache hit.
+    prompt_logprobs: int | None = None
     # Independent samples of the same prompt: one prefill, n decodes sharing its KV blocks.
     n: int = 1
 
@@ -73,6 +76,8 @@ class SamplingParams:
             _check_int("seed", self.seed, 0, MAX_SEED - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"must be a bool, got {type(self.ignore_eos).__name__}")
         self._validate_floats()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -67,6 +68,8 @@ class Sequence:
         # Chained hashes of the leading full, computed blocks (prefix-cache keys).
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
+        # params.prompt_logprobs: one entry per prompt token computed so far (None for the first).
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else [None]
         # Prefill-worker requests: stream this sequence's KV out as it is computed.
         self.export_kv = False
         self.num_exported_tokens = 0

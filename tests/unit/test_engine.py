@@ -263,3 +263,27 @@ def test_duplicate_request_id_is_refused(tiny_loaded):
     with pytest.raises(InvalidRequestError) as err:
         engine.add_request("x", [5, 6], SamplingParams(max_tokens=2))
     assert err.value.field == "request_id"
+
+
+@pytest.mark.parametrize("budget", [512, 16])
+def test_prompt_logprobs_match_transformers(tiny_loaded, tiny_oracles, references, budget):
+    """Every prompt token's logprob (the first has none) and its top 3, whole or chunked, never from
+    the prefix cache, and reported once, on the first output."""
+    prompts, _ = references
+    prompt = prompts[6]  # 50 tokens
+    engine = make_engine(tiny_loaded("llama"), max_num_batched_tokens=budget)
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    run_to_completion(engine)  # the prompt is in the prefix cache now: it must be computed anyway
+    engine.add_request("p", prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=3))
+    outs = run_to_completion(engine)["p"]
+    assert outs[0].num_cached_tokens == 0
+    assert [o.prompt_logprobs is not None for o in outs] == [True, False, False]
+    got = outs[0].prompt_logprobs
+    with torch.no_grad():
+        ref = tiny_oracles["llama"](torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert len(got) == len(prompt) and got[0] is None
+    for pos in range(1, len(prompt)):
+        lp = got[pos]
+        assert lp.token_id == prompt[pos]
+        assert lp.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == ref[pos - 1].topk(3).indices.tolist()
