@@ -13,8 +13,17 @@ from google.protobuf.message import Message
 
 from pdserve.client.convert import MessageLike, decode_request_pb, request_pb
 from pdserve.errors import CapacityError, PdserveError
-from pdserve.observability.tracing import inject_metadata
 from pdserve.status import error_from_status
+
+try:
+    from pdserve.observability.tracing import inject_metadata
+except ModuleNotFoundError as exc:  # pdserve-client without its `tracing` extra (clients/python)
+    if not (exc.name or "").startswith("opentelemetry"):
+        raise
+
+    def inject_metadata(metadata: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Without opentelemetry-api the application has no trace to forward."""
+        return list(metadata)
 
 Service = Literal["router", "decode", "prefill"]
 SERVICES: tuple[Service, ...] = ("router", "decode", "prefill")
