@@ -2,9 +2,12 @@
 
 Owned by the prefill daemon, and used unchanged by the decode daemon's local
 path and the CLI, so the same input gives the same tokens everywhere. The
-version string names the behaviour: workers report it, and a cache entry made by
-another version is never used. Results are cached by input (LRU with a TTL), so
-a repeated system prompt or conversation is not templated and tokenized again.
+workers' Tokenize and Detokenize calls (the router's /tokenize and /detokenize)
+use it too: `token_ids` is the one path from input to token ids, generation's
+included, and `detokenize` its inverse. The version string names the behaviour:
+workers report it, and a cache entry made by another version is never used.
+Results are cached by input (LRU with a TTL), so a repeated system prompt or
+conversation is not templated and tokenized again.
 """
 
 from __future__ import annotations
@@ -139,27 +142,52 @@ class Preprocessor:
             if not prompt_token_ids:
                 raise InvalidRequestError("prompt_token_ids", "is empty", request_id=request_id)
             return list(prompt_token_ids)
-        key = (self.version, _digest(messages if messages is not None else prompt))
-        ids = self.cache.get(key)
-        if ids is None:
-            if messages is not None:
-                # The template writes the model's special tokens itself.
-                ids = self.tokenize(self.apply_chat_template(messages, request_id), request_id, special=False)
-            else:
-                ids = self.tokenize(prompt, request_id, special=self.add_special_tokens)
-            self.cache.put(key, ids)
-        return ids
-
-    def tokenize(self, prompt: str, request_id: str | None = None, *, special: bool = True) -> list[int]:
-        self._check_text("prompt", prompt, request_id)
-        if not prompt:
+        if prompt == "":
             raise InvalidRequestError("prompt", "is empty", request_id=request_id)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=special)
+        ids = self.token_ids(prompt=prompt, messages=messages, request_id=request_id)
         if not ids:
             raise InvalidRequestError("prompt", "tokenizes to no tokens", request_id=request_id)
         return ids
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage], request_id: str | None = None) -> str:
+    def token_ids(self, *, prompt: str | None = None, messages: Sequence[ChatMessage] | None = None,
+                  add_special_tokens: bool | None = None, add_generation_prompt: bool = True,
+                  request_id: str | None = None) -> list[int]:
+        """The token ids of a prompt or a conversation, possibly none.
+
+        With the default options, exactly what a generate request gets (and through the same
+        cache). The options are /tokenize's: `add_special_tokens` None follows generation's rule
+        (this preprocessing's setting for a prompt; off for messages, whose template writes the
+        special tokens itself); `add_generation_prompt` False leaves the assistant's turn unopened.
+        """
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt, messages", request_id=request_id)
+        as_generated = add_special_tokens is None and add_generation_prompt
+        key = (self.version, _digest(messages if messages is not None else prompt))
+        ids = self.cache.get(key) if as_generated else None
+        if ids is None:
+            if messages is not None:
+                text = self.apply_chat_template(messages, request_id, add_generation_prompt=add_generation_prompt)
+                special = bool(add_special_tokens)
+            else:
+                self._check_text("prompt", prompt, request_id)
+                text = prompt
+                special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+            ids = self.tokenizer.encode(text, add_special_tokens=special)
+            if as_generated:
+                self.cache.put(key, ids)
+        return ids
+
+    def detokenize(self, token_ids: Sequence[int], request_id: str | None = None) -> str:
+        """The text of `token_ids`, special tokens written out (what /detokenize answers)."""
+        self._check_ids(token_ids, request_id)
+        return self.tokenizer.decode(list(token_ids))
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each id (byte-level tokenizers write a leading space "Ġ")."""
+        return self.tokenizer.convert_ids_to_tokens(list(token_ids))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], request_id: str | None = None, *,
+                            add_generation_prompt: bool = True) -> str:
         if not messages:
             raise InvalidRequestError("messages", "is empty", request_id=request_id)
         for i, m in enumerate(messages):
@@ -173,7 +201,15 @@ class Preprocessor:
                                       request_id=request_id)
         chat = [{"role": m.role, "content": m.content} for m in messages]
         return self.tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _check_ids(self, token_ids: Sequence[int], request_id: str | None) -> None:
+        """Every id must be one this tokenizer decodes: decode() gives "" for the others, silently."""
+        num_ids = len(self.tokenizer)
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < num_ids:
+                raise InvalidRequestError(f"token_ids[{i}]", f"{token_id} is not a token id of this tokenizer "
+                                          f"(0 to {num_ids - 1})", request_id=request_id)
 
     def _check_text(self, field: str, text: str, request_id: str | None) -> None:
         if not isinstance(text, str):

@@ -7,7 +7,7 @@ collection, aclose(), cancelling the task that reads it) cancels the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,9 @@ from pdserve.client.channel import (
     require,
     rpc_error,
 )
+from pdserve.client.client import detokenize_request, tokenize_request
 from pdserve.client.convert import (
+    MessageLike,
     completion_from,
     delta_from_pb,
     result_from_pb,
@@ -105,7 +107,7 @@ class AsyncGenerateStream(AsyncIterator[Delta]):
 
 class AsyncClient(GenerateCalls[AsyncGenerateStream]):
     """asyncio client of a RouterService (default) or, for tests and operators,
-    of one daemon's DecodeService ("decode") or PrefillService ("prefill", stats only).
+    of one daemon's DecodeService ("decode") or PrefillService ("prefill": stats and tokenization).
 
     Create it inside the event loop that uses it.
     """
@@ -163,3 +165,29 @@ class AsyncClient(GenerateCalls[AsyncGenerateStream]):
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return stats_from_pb(response)
+
+    async def tokenize(self, prompt: str | None = None, *, messages: Sequence[MessageLike] | None = None,
+                       add_special_tokens: bool | None = None, add_generation_prompt: bool | None = None,
+                       timeout: float | None = None) -> list[int]:
+        """As `Client.tokenize`."""
+        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt)
+        try:
+            response = await self._target().Tokenize(request, timeout=deadline(timeout, self._timeout),
+                                                     metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return list(response.token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], *, timeout: float | None = None) -> str:
+        """As `Client.detokenize`."""
+        request = detokenize_request(token_ids)
+        try:
+            response = await self._target().Detokenize(request, timeout=deadline(timeout, self._timeout),
+                                                       metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return response.text
+
+    def _target(self):
+        """The stub of the service this client targets."""
+        return {"router": self._router, "decode": self._decode, "prefill": self._prefill}[self.service]

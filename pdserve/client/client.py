@@ -7,7 +7,7 @@ every daemon the request reached aborts it and frees its KV blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -26,15 +26,17 @@ from pdserve.client.channel import (
     rpc_error,
 )
 from pdserve.client.convert import (
+    MessageLike,
     completion_from,
     delta_from_pb,
+    request_pb,
     result_from_pb,
     stats_from_pb,
     worker_from_pb,
 )
 from pdserve.client.types import Completion, Delta, GenerationResult, WorkerInfo, WorkerStats
-from pdserve.errors import FatalError
-from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
+from pdserve.errors import FatalError, InvalidRequestError
+from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc, tokenize_pb2
 
 
 class GenerateStream(Iterator[Delta]):
@@ -97,7 +99,7 @@ class GenerateStream(Iterator[Delta]):
 
 class Client(GenerateCalls[GenerateStream]):
     """Blocking client of a RouterService (default) or, for tests and operators,
-    of one daemon's DecodeService ("decode") or PrefillService ("prefill", stats only)."""
+    of one daemon's DecodeService ("decode") or PrefillService ("prefill": stats and tokenization)."""
 
     _stream = GenerateStream
 
@@ -164,3 +166,55 @@ class Client(GenerateCalls[GenerateStream]):
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return stats_from_pb(response)
+
+    def tokenize(self, prompt: str | None = None, *, messages: Sequence[MessageLike] | None = None,
+                 add_special_tokens: bool | None = None, add_generation_prompt: bool | None = None,
+                 timeout: float | None = None) -> list[int]:
+        """The token ids a generate call with the same input gets (as many as its usage.prompt_tokens).
+        The options are vLLM's /tokenize; None: as generation does. Any service answers."""
+        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt)
+        try:
+            response = self._target().Tokenize(request, timeout=deadline(timeout, self._timeout),
+                                               metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return list(response.token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], *, timeout: float | None = None) -> str:
+        """The text of `token_ids`, special tokens written out. Any service answers."""
+        request = detokenize_request(token_ids)
+        try:
+            response = self._target().Detokenize(request, timeout=deadline(timeout, self._timeout),
+                                                 metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+        return response.text
+
+    def _target(self):
+        """The stub of the service this client targets."""
+        return {"router": self._router, "decode": self._decode, "prefill": self._prefill}[self.service]
+
+
+def tokenize_request(prompt: str | None, messages: Sequence[MessageLike] | None, add_special_tokens: bool | None,
+                     add_generation_prompt: bool | None) -> tokenize_pb2.TokenizeRequest:
+    """The TokenizeRequest of `tokenize(...)`'s arguments; the input is checked and converted as generate's."""
+    if (prompt is None) == (messages is None):
+        raise InvalidRequestError("prompt", "give exactly one of prompt, messages")
+    generate = request_pb(prompt=prompt, messages=messages, prompt_token_ids=None, sampling={}, request_id=None)
+    request = tokenize_pb2.TokenizeRequest()
+    if prompt is not None:
+        request.prompt = generate.prompt
+    else:
+        request.messages.CopyFrom(generate.messages)
+    if add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    if add_generation_prompt is not None:
+        request.add_generation_prompt = add_generation_prompt
+    return request
+
+
+def detokenize_request(token_ids: Sequence[int]) -> tokenize_pb2.DetokenizeRequest:
+    try:
+        return tokenize_pb2.DetokenizeRequest(token_ids=token_ids)
+    except (TypeError, ValueError) as exc:  # a negative or non-integer id
+        raise InvalidRequestError("token_ids", str(exc)) from None

@@ -19,7 +19,7 @@ from pdserve.errors import KVTransferError
 from pdserve.kv_transfer.codec import KVChunkView, kv_header_from_pb, prefill_response_from_bytes
 from pdserve.kv_transfer.transport import KVFirstToken, KVMessage
 from pdserve.status import error_from_status
-from pdserve.v1 import common_pb2, prefill_pb2
+from pdserve.v1 import common_pb2, prefill_pb2, tokenize_pb2
 
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 # The prefill worker refused the request itself: retrying it elsewhere would not help.
@@ -89,8 +89,8 @@ class PrefillStub:
 
 
 def add_prefill_service(servicer, server: grpc.aio.Server) -> None:
-    """Register a PrefillService servicer (Prefill and Stats) whose Prefill responses may come as
-    bytes, serialized already (KV chunks)."""
+    """Register a PrefillService servicer (Prefill, Stats, Tokenize, Detokenize) whose Prefill responses
+    may come as bytes, serialized already (KV chunks)."""
     serialize = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
     handlers = {
         "Prefill": grpc.stream_stream_rpc_method_handler(
@@ -99,5 +99,11 @@ def add_prefill_service(servicer, server: grpc.aio.Server) -> None:
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,
             response_serializer=common_pb2.StatsResponse.SerializeToString),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, request_deserializer=tokenize_pb2.TokenizeRequest.FromString,
+            response_serializer=tokenize_pb2.TokenizeResponse.SerializeToString),
+        "Detokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Detokenize, request_deserializer=tokenize_pb2.DetokenizeRequest.FromString,
+            response_serializer=tokenize_pb2.DetokenizeResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -11,7 +11,7 @@ from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from pdserve.preprocess import ChatMessage, Preprocessor
-from pdserve.v1 import common_pb2
+from pdserve.v1 import common_pb2, tokenize_pb2
 
 FINISH_REASONS = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -39,11 +39,36 @@ def prompt_ids_from_pb(request: common_pb2.GenerateRequest, pre: Preprocessor) -
     if kind == "prompt":
         return pre(prompt=request.prompt, request_id=rid)
     if kind == "messages":
-        msgs = [ChatMessage(m.role, m.content) for m in request.messages.messages]
-        return pre(messages=msgs, request_id=rid)
+        return pre(messages=_chat_from_pb(request.messages), request_id=rid)
     if kind == "prompt_token_ids":
         return pre(prompt_token_ids=list(request.prompt_token_ids.token_ids), request_id=rid)
     raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids", request_id=rid)
+
+
+def tokenize_to_pb(request: tokenize_pb2.TokenizeRequest, pre: Preprocessor, *, max_model_len: int,
+                   worker_id: str) -> tokenize_pb2.TokenizeResponse:
+    """A Tokenize call's answer: the input through `pre` the way a generate request's goes, unless an
+    option of the request says otherwise."""
+    rid = request.request_id or None
+    kind = request.WhichOneof("input")
+    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
+    if kind == "prompt":
+        if request.HasField("add_generation_prompt"):
+            raise InvalidRequestError("add_generation_prompt", "applies to messages only", request_id=rid)
+        ids = pre.token_ids(prompt=request.prompt, add_special_tokens=special, request_id=rid)
+    elif kind == "messages":
+        generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        ids = pre.token_ids(messages=_chat_from_pb(request.messages), add_special_tokens=special,
+                            add_generation_prompt=generation_prompt, request_id=rid)
+    else:
+        raise InvalidRequestError("prompt", "give one of prompt, messages", request_id=rid)
+    return tokenize_pb2.TokenizeResponse(
+        token_ids=ids, token_strs=pre.token_strs(ids) if request.return_token_strs else (),
+        max_model_len=max_model_len, preprocessing_version=pre.version, worker_id=worker_id)
+
+
+def _chat_from_pb(messages: common_pb2.Messages) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in messages.messages]
 
 
 def fingerprint_to_pb(fp: Fingerprint) -> common_pb2.ModelFingerprint:

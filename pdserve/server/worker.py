@@ -32,7 +32,7 @@ from pdserve.observability.metrics import Metrics, WorkerState
 from pdserve.preprocess import load_preprocessor
 from pdserve.server import daemon, observe, tls, wire
 from pdserve.server.daemon import channel
-from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenize_pb2
 
 log = logging.getLogger("pdserve.worker")
 
@@ -145,6 +145,15 @@ class Worker:
         # for the engine thread, which heartbeats must not.
         await asyncio.wrap_future(self.loop.refresh_snapshot())
         return common_pb2.StatsResponse(worker_id=self.worker_id, role=self.role, load=self.load())
+
+    def tokenize(self, request: tokenize_pb2.TokenizeRequest) -> tokenize_pb2.TokenizeResponse:
+        """Tokenize, by the preprocessing this worker's generate requests go through (InvalidRequestError)."""
+        return wire.tokenize_to_pb(request, self.preprocessor, max_model_len=self.engine.max_model_len,
+                                   worker_id=self.worker_id)
+
+    def detokenize(self, request: tokenize_pb2.DetokenizeRequest) -> tokenize_pb2.DetokenizeResponse:
+        text = self.preprocessor.detokenize(request.token_ids, request.request_id or None)
+        return tokenize_pb2.DetokenizeResponse(text=text, worker_id=self.worker_id)
 
     def close(self) -> None:
         self.loop.stop()

@@ -23,19 +23,20 @@ _sym_db = _symbol_database.Default()
 
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
+from pdserve.v1 import tokenize_pb2 as pdserve_dot_v1_dot_tokenize__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"6\n\x10PrefillCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x9c\x01\n\x15\x44\x65\x63odeGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x38\n\x12prefill_candidates\x18\x02 \x03(\x0b\x32\x1c.pdserve.v1.PrefillCandidate\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\r2\x9c\x01\n\rDecodeService\x12M\n\x08Generate\x12!.pdserve.v1.DecodeGenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x19pdserve/v1/tokenize.proto\"6\n\x10PrefillCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x9c\x01\n\x15\x44\x65\x63odeGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x38\n\x12prefill_candidates\x18\x02 \x03(\x0b\x32\x1c.pdserve.v1.PrefillCandidate\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\r2\xb0\x02\n\rDecodeService\x12M\n\x08Generate\x12!.pdserve.v1.DecodeGenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.pdserve.v1.DetokenizeRequest\x1a\x1e.pdserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLCANDIDATE']._serialized_start=64
-  _globals['_PREFILLCANDIDATE']._serialized_end=118
-  _globals['_DECODEGENERATEREQUEST']._serialized_start=121
-  _globals['_DECODEGENERATEREQUEST']._serialized_end=277
-  _globals['_DECODESERVICE']._serialized_start=280
-  _globals['_DECODESERVICE']._serialized_end=436
+  _globals['_PREFILLCANDIDATE']._serialized_start=91
+  _globals['_PREFILLCANDIDATE']._serialized_end=145
+  _globals['_DECODEGENERATEREQUEST']._serialized_start=148
+  _globals['_DECODEGENERATEREQUEST']._serialized_end=304
+  _globals['_DECODESERVICE']._serialized_start=307
+  _globals['_DECODESERVICE']._serialized_end=611
 # @@protoc_insertion_point(module_scope)

@@ -23,33 +23,36 @@ _sym_db = _symbol_database.Default()
 
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
+from pdserve.v1 import tokenize_pb2 as pdserve_dot_v1_dot_tokenize__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"k\n\x0ePrefillMessage\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1a.pdserve.v1.PrefillRequestH\x00\x12\"\n\x04skip\x18\x02 \x01(\x0b\x32\x12.pdserve.v1.KVSkipH\x00\x42\x06\n\x04kind\"#\n\x06KVSkip\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\"\xb8\x01\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x17\n\nblock_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fmax_chunk_bytes\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\tB\r\n\x0b_block_sizeB\x12\n\x10_max_chunk_bytesJ\x04\x08\x04\x10\x05\"\x96\x01\n\x0fPrefillResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KVChunkH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x42\x06\n\x04kind\"\xbb\x02\n\x08KVHeader\x12/\n\x0cwire_version\x18\x01 \x01(\x0e\x32\x19.pdserve.v1.KVWireVersion\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\'\n\tkv_layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x14\n\x0cnum_kv_bytes\x18\x07 \x01(\x04\x12\x14\n\x0c\x63hunk_tokens\x18\x08 \x01(\r\x12\x12\n\nnum_chunks\x18\t \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x0b \x01(\tJ\x04\x08\n\x10\x0b\"\xbb\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\r\x12\x13\n\x0blayer_index\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0f\n\x07k_bytes\x18\x06 \x01(\x0c\x12\x0f\n\x07v_bytes\x18\x07 \x01(\x0c\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x10\n\x08\x63hecksum\x18\t \x01(\x06\"\\\n\x0ePrefillTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x12\n\nkv_send_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xa7\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12+\n\x08logprobs\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PrefillTimings\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r*\xa3\x01\n\rKVWireVersion\x12\x1f\n\x1bKV_WIRE_VERSION_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_WIRE_VERSION_1\x10\x01\x12\x15\n\x11KV_WIRE_VERSION_2\x10\x02\x12\x15\n\x11KV_WIRE_VERSION_3\x10\x03\x12\x15\n\x11KV_WIRE_VERSION_4\x10\x04\x12\x15\n\x11KV_WIRE_VERSION_5\x10\x05\x32\x96\x01\n\x0ePrefillService\x12\x46\n\x07Prefill\x12\x1a.pdserve.v1.PrefillMessage\x1a\x1b.pdserve.v1.PrefillResponse(\x01\x30\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x19pdserve/v1/tokenize.proto\"k\n\x0ePrefillMessage\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1a.pdserve.v1.PrefillRequestH\x00\x12\"\n\x04skip\x18\x02 \x01(\x0b\x32\x12.pdserve.v1.KVSkipH\x00\x42\x06\n\x04kind\"#\n\x06KVSkip\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\"\xb8\x01\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x17\n\nblock_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fmax_chunk_bytes\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\tB\r\n\x0b_block_sizeB\x12\n\x10_max_chunk_bytesJ\x04\x08\x04\x10\x05\"\x96\x01\n\x0fPrefillResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KVChunkH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x42\x06\n\x04kind\"\xbb\x02\n\x08KVHeader\x12/\n\x0cwire_version\x18\x01 \x01(\x0e\x32\x19.pdserve.v1.KVWireVersion\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\'\n\tkv_layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x14\n\x0cnum_kv_bytes\x18\x07 \x01(\x04\x12\x14\n\x0c\x63hunk_tokens\x18\x08 \x01(\r\x12\x12\n\nnum_chunks\x18\t \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x0b \x01(\tJ\x04\x08\n\x10\x0b\"\xbb\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\r\x12\x13\n\x0blayer_index\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0f\n\x07k_bytes\x18\x06 \x01(\x0c\x12\x0f\n\x07v_bytes\x18\x07 \x01(\x0c\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x10\n\x08\x63hecksum\x18\t \x01(\x06\"\\\n\x0ePrefillTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x12\n\nkv_send_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x8b\x02\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12+\n\x08logprobs\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PrefillTimings\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12.\n\x0cmore_samples\x18\x06 \x03(\x0b\x32\x18.pdserve.v1.SampledToken\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"M\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12+\n\x08logprobs\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs*\xa3\x01\n\rKVWireVersion\x12\x1f\n\x1bKV_WIRE_VERSION_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_WIRE_VERSION_1\x10\x01\x12\x15\n\x11KV_WIRE_VERSION_2\x10\x02\x12\x15\n\x11KV_WIRE_VERSION_3\x10\x03\x12\x15\n\x11KV_WIRE_VERSION_4\x10\x04\x12\x15\n\x11KV_WIRE_VERSION_5\x10\x05\x32\xaa\x02\n\x0ePrefillService\x12\x46\n\x07Prefill\x12\x1a.pdserve.v1.PrefillMessage\x1a\x1b.pdserve.v1.PrefillResponse(\x01\x30\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.pdserve.v1.DetokenizeRequest\x1a\x1e.pdserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVWIREVERSION']._serialized_start=1324
-  _globals['_KVWIREVERSION']._serialized_end=1487
-  _globals['_PREFILLMESSAGE']._serialized_start=65
-  _globals['_PREFILLMESSAGE']._serialized_end=172
-  _globals['_KVSKIP']._serialized_start=174
-  _globals['_KVSKIP']._serialized_end=209
-  _globals['_PREFILLREQUEST']._serialized_start=212
-  _globals['_PREFILLREQUEST']._serialized_end=396
-  _globals['_PREFILLRESPONSE']._serialized_start=399
-  _globals['_PREFILLRESPONSE']._serialized_end=549
-  _globals['_KVHEADER']._serialized_start=552
-  _globals['_KVHEADER']._serialized_end=867
-  _globals['_KVCHUNK']._serialized_start=870
-  _globals['_KVCHUNK']._serialized_end=1057
-  _globals['_PREFILLTIMINGS']._serialized_start=1059
-  _globals['_PREFILLTIMINGS']._serialized_end=1151
-  _globals['_FIRSTTOKEN']._serialized_start=1154
-  _globals['_FIRSTTOKEN']._serialized_end=1321
-  _globals['_PREFILLSERVICE']._serialized_start=1490
-  _globals['_PREFILLSERVICE']._serialized_end=1640
+  _globals['_KVWIREVERSION']._serialized_start=1530
+  _globals['_KVWIREVERSION']._serialized_end=1693
+  _globals['_PREFILLMESSAGE']._serialized_start=92
+  _globals['_PREFILLMESSAGE']._serialized_end=199
+  _globals['_KVSKIP']._serialized_start=201
+  _globals['_KVSKIP']._serialized_end=236
+  _globals['_PREFILLREQUEST']._serialized_start=239
+  _globals['_PREFILLREQUEST']._serialized_end=423
+  _globals['_PREFILLRESPONSE']._serialized_start=426
+  _globals['_PREFILLRESPONSE']._serialized_end=576
+  _globals['_KVHEADER']._serialized_start=579
+  _globals['_KVHEADER']._serialized_end=894
+  _globals['_KVCHUNK']._serialized_start=897
+  _globals['_KVCHUNK']._serialized_end=1084
+  _globals['_PREFILLTIMINGS']._serialized_start=1086
+  _globals['_PREFILLTIMINGS']._serialized_end=1178
+  _globals['_FIRSTTOKEN']._serialized_start=1181
+  _globals['_FIRSTTOKEN']._serialized_end=1448
+  _globals['_SAMPLEDTOKEN']._serialized_start=1450
+  _globals['_SAMPLEDTOKEN']._serialized_end=1527
+  _globals['_PREFILLSERVICE']._serialized_start=1696
+  _globals['_PREFILLSERVICE']._serialized_end=1994
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ import warnings
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 from pdserve.v1 import prefill_pb2 as pdserve_dot_v1_dot_prefill__pb2
+from pdserve.v1 import tokenize_pb2 as pdserve_dot_v1_dot_tokenize__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -46,6 +47,16 @@ class PrefillServiceStub:
                 request_serializer=pdserve_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_common__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/pdserve.v1.PrefillService/Tokenize',
+                request_serializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/pdserve.v1.PrefillService/Detokenize',
+                request_serializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -70,6 +81,24 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenizes a prompt or a conversation with this daemon's preprocessing,
+        exactly as a Prefill call's request is tokenized, without generating
+        (see tokenize.proto). INVALID_ARGUMENT for bad input, the message naming
+        the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Decodes token ids to text with this daemon's tokenizer. INVALID_ARGUMENT
+        for an id outside its vocabulary ("token_ids[3]: ...").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +111,16 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +178,60 @@ class PrefillService:
             '/pdserve.v1.PrefillService/Stats',
             pdserve_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             pdserve_dot_v1_dot_common__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillService/Tokenize',
+            pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillService/Detokenize',
+            pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

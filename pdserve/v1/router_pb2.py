@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
+from pdserve.v1 import tokenize_pb2 as pdserve_dot_v1_dot_tokenize__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xab\x01\n\x0eRolloutRequest\x12\x38\n\x07weights\x18\x01 \x03(\x0b\x32\'.pdserve.v1.RolloutRequest.WeightsEntry\x12\x16\n\x0eshadow_version\x18\x02 \x01(\t\x12\x17\n\x0fshadow_fraction\x18\x03 \x01(\x01\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\">\n\x0fRolloutResponse\x12+\n\x07rollout\x18\x01 \x01(\x0b\x32\x1a.pdserve.v1.RolloutRequest\"\x16\n\x14\x43lusterStatusRequest\"B\n\x15\x43lusterStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\"\xcd\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12(\n\x06health\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.WorkerHealth\x12$\n\x04load\x18\x05 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12+\n\x05model\x18\x06 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\x1d\n\x15preprocessing_version\x18\x07 \x01(\t\x12\'\n\tkv_layout\x18\x08 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x1d\n\x15last_heartbeat_age_ms\x18\t \x01(\x01\x12\x0f\n\x07version\x18\n \x01(\t\"\x87\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12+\n\x05model\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\x1d\n\x15preprocessing_version\x18\x05 \x01(\t\x12\'\n\tkv_layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12$\n\x04load\x18\x07 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x0f\n\x07version\x18\x08 \x01(\t\"b\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\'\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08*\x81\x01\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DRAINING\x10\x02\x12\x1b\n\x17WORKER_HEALTH_UNHEALTHY\x10\x03\x32\x86\x03\n\rRouterService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12\x45\n\nSetRollout\x12\x1a.pdserve.v1.RolloutRequest\x1a\x1b.pdserve.v1.RolloutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x19pdserve/v1/tokenize.proto\"\xab\x01\n\x0eRolloutRequest\x12\x38\n\x07weights\x18\x01 \x03(\x0b\x32\'.pdserve.v1.RolloutRequest.WeightsEntry\x12\x16\n\x0eshadow_version\x18\x02 \x01(\t\x12\x17\n\x0fshadow_fraction\x18\x03 \x01(\x01\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\">\n\x0fRolloutResponse\x12+\n\x07rollout\x18\x01 \x01(\x0b\x32\x1a.pdserve.v1.RolloutRequest\"\x16\n\x14\x43lusterStatusRequest\"B\n\x15\x43lusterStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\"\xcd\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12(\n\x06health\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.WorkerHealth\x12$\n\x04load\x18\x05 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12+\n\x05model\x18\x06 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\x1d\n\x15preprocessing_version\x18\x07 \x01(\t\x12\'\n\tkv_layout\x18\x08 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x1d\n\x15last_heartbeat_age_ms\x18\t \x01(\x01\x12\x0f\n\x07version\x18\n \x01(\t\"\x87\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12+\n\x05model\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.ModelFingerprint\x12\x1d\n\x15preprocessing_version\x18\x05 \x01(\t\x12\'\n\tkv_layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12$\n\x04load\x18\x07 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x0f\n\x07version\x18\x08 \x01(\t\"b\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\'\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08*\x81\x01\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DRAINING\x10\x02\x12\x1b\n\x17WORKER_HEALTH_UNHEALTHY\x10\x03\x32\x9a\x04\n\rRouterService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12\x45\n\nSetRollout\x12\x1a.pdserve.v1.RolloutRequest\x1a\x1b.pdserve.v1.RolloutResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.pdserve.v1.DetokenizeRequest\x1a\x1e.pdserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._loaded_options = None
   _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERHEALTH']._serialized_start=1233
-  _globals['_WORKERHEALTH']._serialized_end=1362
-  _globals['_ROLLOUTREQUEST']._serialized_start=65
-  _globals['_ROLLOUTREQUEST']._serialized_end=236
-  _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._serialized_start=190
-  _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._serialized_end=236
-  _globals['_ROLLOUTRESPONSE']._serialized_start=238
-  _globals['_ROLLOUTRESPONSE']._serialized_end=300
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=302
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=324
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=326
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=392
-  _globals['_WORKERSTATUS']._serialized_start=395
-  _globals['_WORKERSTATUS']._serialized_end=728
-  _globals['_REGISTERREQUEST']._serialized_start=731
-  _globals['_REGISTERREQUEST']._serialized_end=994
-  _globals['_REGISTERRESPONSE']._serialized_start=996
-  _globals['_REGISTERRESPONSE']._serialized_end=1094
-  _globals['_HEARTBEATREQUEST']._serialized_start=1096
-  _globals['_HEARTBEATREQUEST']._serialized_end=1189
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1191
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1230
-  _globals['_ROUTERSERVICE']._serialized_start=1365
-  _globals['_ROUTERSERVICE']._serialized_end=1755
+  _globals['_WORKERHEALTH']._serialized_start=1260
+  _globals['_WORKERHEALTH']._serialized_end=1389
+  _globals['_ROLLOUTREQUEST']._serialized_start=92
+  _globals['_ROLLOUTREQUEST']._serialized_end=263
+  _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._serialized_start=217
+  _globals['_ROLLOUTREQUEST_WEIGHTSENTRY']._serialized_end=263
+  _globals['_ROLLOUTRESPONSE']._serialized_start=265
+  _globals['_ROLLOUTRESPONSE']._serialized_end=327
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=329
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=351
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=353
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=419
+  _globals['_WORKERSTATUS']._serialized_start=422
+  _globals['_WORKERSTATUS']._serialized_end=755
+  _globals['_REGISTERREQUEST']._serialized_start=758
+  _globals['_REGISTERREQUEST']._serialized_end=1021
+  _globals['_REGISTERRESPONSE']._serialized_start=1023
+  _globals['_REGISTERRESPONSE']._serialized_end=1121
+  _globals['_HEARTBEATREQUEST']._serialized_start=1123
+  _globals['_HEARTBEATREQUEST']._serialized_end=1216
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1218
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1257
+  _globals['_ROUTERSERVICE']._serialized_start=1392
+  _globals['_ROUTERSERVICE']._serialized_end=1930
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ import warnings
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 from pdserve.v1 import router_pb2 as pdserve_dot_v1_dot_router__pb2
+from pdserve.v1 import tokenize_pb2 as pdserve_dot_v1_dot_tokenize__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -62,6 +63,16 @@ class RouterServiceStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_router__pb2.RolloutResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/pdserve.v1.RouterService/Tokenize',
+                request_serializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/pdserve.v1.RouterService/Detokenize',
+                request_serializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -112,6 +123,25 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenizes with a worker's preprocessing (a healthy prefill worker's, or
+        a decode worker's when there is none; see tokenize.proto), so the count
+        equals a Generate call's Usage.prompt_tokens for the same input.
+        INVALID_ARGUMENT for bad input (the message names the field),
+        UNAVAILABLE when no worker answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Decodes token ids to text with a worker's tokenizer, chosen as for
+        Tokenize. INVALID_ARGUMENT for an id outside the vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +169,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.SetRollout,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.RolloutRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_router__pb2.RolloutResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +318,60 @@ class RouterService:
             '/pdserve.v1.RouterService/SetRollout',
             pdserve_dot_v1_dot_router__pb2.RolloutRequest.SerializeToString,
             pdserve_dot_v1_dot_router__pb2.RolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.RouterService/Tokenize',
+            pdserve_dot_v1_dot_tokenize__pb2.TokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_tokenize__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.RouterService/Detokenize',
+            pdserve_dot_v1_dot_tokenize__pb2.DetokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_tokenize__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,10 @@
-"""API keys on the router: gRPC metadata and HTTP bearer tokens; health and workers unaffected."""
+"""API keys on the router: gRPC metadata and HTTP bearer tokens (/v1/, /tokenize); health and workers unaffected."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -78,3 +80,23 @@ def test_the_command_line_clients_send_the_key_from_the_environment(keyed):
     without = subprocess.run(top, capture_output=True, text=True, timeout=60,
                              env={k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"})
     assert without.returncode == 2 and "API key is required" in without.stderr
+
+
+def test_tokenization_needs_the_key_on_http_and_grpc(keyed):
+    http = keyed.describe()["http"]
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                ({"Authorization": f"Bearer {KEY}"}, 200)):
+            request = urllib.request.Request(f"{http}{path}", data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    got = r.status
+            except urllib.error.HTTPError as err:
+                got = err.code
+            assert got == status, (path, headers)
+    with Client(keyed.address) as client:
+        with pytest.raises(AuthenticationError):
+            client.tokenize("hi")
+    with Client(keyed.address, api_key=KEY) as client:
+        assert client.detokenize(client.tokenize("hi")) == "hi"

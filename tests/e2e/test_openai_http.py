@@ -1,16 +1,22 @@
-"""The router's OpenAI-compatible HTTP API through the real `openai` client."""
+"""The router's OpenAI-compatible HTTP API through the real `openai` client, and vLLM's /tokenize."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
 
+import grpc
 import openai
 import pytest
 
 from pdserve.client import Client
 from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.routing.registry import Registry, Role
+from pdserve.server.router.tokenization import Tokenization
+from pdserve.v1 import prefill_pb2_grpc, tokenize_pb2
 
 PROMPT_IDS = [5, 9, 14, 22, 31, 40, 51, 63]
 
@@ -115,3 +121,116 @@ def test_a_bad_request_id_is_400_naming_the_header(served, bad):
     assert status == 400 and json.loads(text)["error"]["param"] == "X-Request-Id"
     assert len(headers["X-Request-Id"]) == 32  # the refusal carries an id of its own
     assert oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=2).choices[0].text is not None
+
+
+# -- vLLM's /tokenize and /detokenize ---------------------------------------------------------
+
+
+def post_json(http: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    status, _, text = post(http, path, body, headers)
+    return status, json.loads(text)
+
+
+def test_tokenize_counts_what_a_completion_reports_for_a_prompt_and_a_chat(served):
+    _, oai, http = served
+    prompt, messages = "the cat sat on the mat", [{"role": "system", "content": "be brief"},
+                                                  {"role": "user", "content": "hello there"}]
+    status, tokenized = post_json(http, "/tokenize", {"model": "default", "prompt": prompt})
+    assert status == 200 and set(tokenized) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert tokenized["count"] == len(tokenized["tokens"]) > 0 and tokenized["token_strs"] is None
+    assert tokenized["max_model_len"] > tokenized["count"]
+    completion = oai.completions.create(model="default", prompt=prompt, max_tokens=1)
+    assert completion.usage.prompt_tokens == tokenized["count"]
+
+    status, chat = post_json(http, "/tokenize", {"messages": messages, "return_token_strs": True})
+    assert status == 200 and len(chat["token_strs"]) == chat["count"]
+    answer = oai.chat.completions.create(model="default", messages=messages, max_tokens=1)
+    assert answer.usage.prompt_tokens == chat["count"]
+    _, without = post_json(http, "/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert without["tokens"] == chat["tokens"][:without["count"]] and without["count"] < chat["count"]
+    assert post_json(http, "/tokenize", {"prompt": ""}) == (200, {"count": 0, "max_model_len": chat["max_model_len"],
+                                                                  "tokens": [], "token_strs": None})
+
+
+def test_detokenize_round_trips(served):
+    _, _, http = served
+    _, tokenized = post_json(http, "/tokenize", {"prompt": "hello there, world"})
+    status, headers, text = post(http, "/detokenize", {"model": "default", "tokens": tokenized["tokens"]},
+                                 {"X-Request-Id": "detok-1"})
+    assert status == 200 and headers["X-Request-Id"] == "detok-1"
+    assert json.loads(text) == {"prompt": "hello there, world"}
+    # A chat's tokens read back as the rendered template, which tokenizes to the same ids.
+    _, chat = post_json(http, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    _, rendered = post_json(http, "/detokenize", {"tokens": chat["tokens"]})
+    assert "hi" in rendered["prompt"]
+    _, again = post_json(http, "/tokenize", {"prompt": rendered["prompt"], "add_special_tokens": False})
+    assert again["tokens"] == chat["tokens"]
+    assert post_json(http, "/detokenize", {"tokens": []}) == (200, {"prompt": ""})
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": ["a", "b"]}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),  # told by the worker
+    ("/tokenize", {"messages": [{"role": "robot", "content": "b"}]}, "messages[0].role"),  # told by the worker
+    ("/tokenize", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "continue_final_message": True},
+     "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "chat_template": "{{ x }}"}, "chat_template"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "tools": [{"type": "function"}]}, "tools"),
+    ("/detokenize", {}, "tokens"),
+    ("/detokenize", {"tokens": [5, -1]}, "tokens[1]"),
+    ("/detokenize", {"tokens": [5, 6, 1.5]}, "tokens[2]"),
+    ("/detokenize", {"tokens": [5, 6, 7, 100_000]}, "tokens[3]"),  # out of the vocabulary: told by the worker
+])
+def test_bad_tokenization_fields_are_400_naming_the_param(served, path, body, param):
+    _, _, http = served
+    status, answer = post_json(http, path, body)
+    assert status == 400 and answer["error"]["param"] == param and param in answer["error"]["message"]
+
+
+def test_tokenization_of_an_unknown_model_is_404(served):
+    _, _, http = served
+    assert post_json(http, "/tokenize", {"model": "gpt-9", "prompt": "a"})[0] == 404
+    assert post_json(http, "/detokenize", {"model": "gpt-9", "tokens": [5]})[0] == 404
+
+
+def test_workers_answer_tokenize_with_invalid_argument_naming_the_field(served):
+    cluster, _, _ = served
+    described = cluster.describe()
+    with grpc.insecure_channel(described["prefill"][0]) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            prefill_pb2_grpc.PrefillServiceStub(channel).Detokenize(
+                tokenize_pb2.DetokenizeRequest(request_id="r-7", token_ids=[5, 6, 7, 100_000]), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request r-7: token_ids[3]: 100000 is not a token id")
+    with Client(described["decode"][0], service="decode") as decode:
+        with pytest.raises(InvalidRequestError) as invalid:
+            decode.tokenize(messages=[{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}])
+        assert invalid.value.field == "messages[1].role"
+        with pytest.raises(InvalidRequestError) as invalid:
+            decode.tokenize("hi", add_generation_prompt=False)
+        assert invalid.value.field == "add_generation_prompt"
+        # Both roles, and the router, tokenize alike.
+        with Client(described["prefill"][0], service="prefill") as prefill, Client(cluster.address) as router:
+            for kwargs in ({"prompt": "the cat"}, {"messages": [{"role": "user", "content": "the cat"}]}):
+                assert decode.tokenize(**kwargs) == prefill.tokenize(**kwargs) == router.tokenize(**kwargs)
+            assert router.detokenize(router.tokenize("the cat")) == "the cat"
+
+
+def test_the_router_falls_back_to_a_decode_worker_and_says_unavailable_without_one(served):
+    cluster, _, _ = served
+    registry = Registry()
+    dead = registry.add_static(Role.PREFILL, "127.0.0.1:1")
+    registry.add_static(Role.DECODE, cluster.describe()["decode"][0])
+    request = tokenize_pb2.TokenizeRequest(prompt="the cat")
+
+    async def tokenize(registry: Registry) -> tokenize_pb2.TokenizeResponse:
+        return await Tokenization(registry).tokenize(request, 30.0)
+
+    answer = asyncio.run(tokenize(registry))
+    assert answer.worker_id and list(answer.token_ids) and registry.unresponsive(dead)
+    with pytest.raises(UnavailableError):
+        asyncio.run(tokenize(Registry()))

@@ -42,6 +42,31 @@ def test_chat_template_is_applied_without_double_special_tokens(tokenizer):
     assert ids == tokenizer.encode(text, add_special_tokens=False)
 
 
+def test_token_ids_with_default_options_are_the_generate_path_and_share_its_cache(tokenizer):
+    pre = Preprocessor(tokenizer)
+    chat = [ChatMessage("user", "hello")]
+    assert pre.token_ids(messages=chat) == pre(messages=chat) and pre.cache.num_hits == 1
+    assert pre.token_ids(prompt="hello there") == pre(prompt="hello there") == tokenizer.encode("hello there")
+    assert pre.token_ids(prompt="") == tokenizer.encode("")  # tokenizing an empty prompt is no error
+    full, hits = pre(messages=chat), pre.cache.num_hits
+    without = pre.token_ids(messages=chat, add_generation_prompt=False)  # not what generate gets: not cached
+    assert without == full[:len(without)] and len(without) < len(full)
+    assert pre.cache.num_hits == hits and pre(messages=chat) == full
+    with pytest.raises(InvalidRequestError) as err:
+        pre.token_ids(messages=[ChatMessage("robot", "hi")])
+    assert err.value.field == "messages[0].role"
+
+
+def test_detokenize_round_trips_and_names_an_id_out_of_the_vocabulary(tokenizer):
+    pre = Preprocessor(tokenizer)
+    ids = pre(prompt="hello there")
+    assert pre.detokenize(ids) == "hello there" and pre.detokenize([]) == ""
+    assert "".join(pre.token_strs(ids)).replace("\u0120", " ") == "hello there"
+    with pytest.raises(InvalidRequestError) as err:
+        pre.detokenize([*ids, len(tokenizer)], request_id="r1")
+    assert err.value.field == f"token_ids[{len(ids)}]" and str(err.value).startswith("request r1: ")
+
+
 def test_cache_hits_on_repeat_and_never_across_versions(tokenizer):
     cache = PreprocessCache()
     v1, v2 = Preprocessor(tokenizer, "1", cache), Preprocessor(tokenizer, "2", cache)

@@ -21,10 +21,11 @@ from pdserve.v1 import (
     prefill_pb2_grpc,
     router_pb2,
     router_pb2_grpc,
+    tokenize_pb2,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROTO_MODULES = (common_pb2, router_pb2, prefill_pb2, decode_pb2)
+PROTO_MODULES = (common_pb2, router_pb2, prefill_pb2, decode_pb2, tokenize_pb2)
 
 
 def _load_gen_protos():
@@ -83,6 +84,21 @@ def test_stubs_expose_services():
         assert hasattr(module, f"add_{service}Servicer_to_server")
 
 
+def test_the_hand_registered_prefill_service_serves_every_rpc():
+    """add_prefill_service lists PrefillService's methods by hand (its KV chunks go out pre-serialized)."""
+    from types import SimpleNamespace
+
+    from pdserve.kv_transfer.grpc_stream import add_prefill_service
+
+    methods = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].methods
+    registered = []
+    add_prefill_service(SimpleNamespace(**{m.name: None for m in methods}),
+                        SimpleNamespace(add_generic_rpc_handlers=registered.extend))
+    for method in methods:
+        details = SimpleNamespace(method=f"/{method.containing_service.full_name}/{method.name}")
+        assert any(handler.service(details) is not None for handler in registered), method.name
+
+
 @pytest.mark.parametrize(
     ("module", "service", "method", "server_streaming", "client_streaming"),
     [
@@ -94,6 +110,10 @@ def test_stubs_expose_services():
         (prefill_pb2, "PrefillService", "Stats", False, False),
         (decode_pb2, "DecodeService", "Generate", True, False),
         (decode_pb2, "DecodeService", "Stats", False, False),
+        *((module, service, method, False, False)
+          for module, service in ((router_pb2, "RouterService"), (prefill_pb2, "PrefillService"),
+                                  (decode_pb2, "DecodeService"))
+          for method in ("Tokenize", "Detokenize")),
     ],
 )
 def test_rpc_streaming_shape(module, service, method, server_streaming, client_streaming):
@@ -294,6 +314,22 @@ def test_decode_generate_request_round_trip():
     )
     copy = _round_trip(request)
     assert [c.worker_id for c in copy.prefill_candidates] == ["prefill-0", "prefill-1"]
+
+
+def test_tokenize_messages_round_trip_and_options_keep_presence():
+    request = _round_trip(tokenize_pb2.TokenizeRequest(request_id="r", prompt=""))
+    assert request.WhichOneof("input") == "prompt"  # an empty prompt is still a prompt
+    assert not request.HasField("add_special_tokens") and not request.HasField("add_generation_prompt")
+    chat = common_pb2.Messages(messages=[common_pb2.ChatMessage(role="user", content="hi")])
+    request = _round_trip(tokenize_pb2.TokenizeRequest(messages=chat, add_special_tokens=False,
+                                                       add_generation_prompt=False, return_token_strs=True))
+    assert request.HasField("add_special_tokens") and request.HasField("add_generation_prompt")
+    response = _round_trip(tokenize_pb2.TokenizeResponse(token_ids=[1, 2**32 - 1], token_strs=["<s>", "x"],
+                                                         max_model_len=2048, preprocessing_version="1",
+                                                         worker_id="prefill-1"))
+    assert list(response.token_ids) == [1, 2**32 - 1]
+    assert _round_trip(tokenize_pb2.DetokenizeRequest(token_ids=[5, 6])).token_ids == [5, 6]
+    assert _round_trip(tokenize_pb2.DetokenizeResponse(text="hé", worker_id="decode-1")).text == "hé"
 
 
 def test_router_messages_round_trip():

@@ -19,6 +19,9 @@ Request lifecycle (one Generate stream):
    request joins the running batch;
 5. each step's tokens stream back as deltas; the last message carries finish
    reason, usage and timings. Cancellation aborts the request within one step.
+
+Tokenize and Detokenize (for the router's /tokenize when no prefill worker is up)
+answer from the local path's preprocessing, on the event loop, without the engine.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def Stats(self, request, context):
         return await self.worker.stats_response()
+
+    async def Tokenize(self, request, context):
+        try:
+            return self.worker.tokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+
+    async def Detokenize(self, request, context):
+        try:
+            return self.worker.detokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
 
     async def Generate(self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext):
         rid = request.request.request_id or uuid.uuid4().hex

@@ -16,6 +16,9 @@ Request lifecycle (one bidirectional Prefill call):
    stream (transfer overlaps compute);
 6. the sampled first token ends the stream. A cancelled stream (the decode
    worker gave up) aborts the request, freeing its blocks within one step.
+
+Tokenize and Detokenize (for the router's /tokenize) answer from the same
+preprocessing, on the event loop, without the engine.
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def Stats(self, request, context):
         return await self.worker.stats_response()
+
+    async def Tokenize(self, request, context):
+        try:
+            return self.worker.tokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+
+    async def Detokenize(self, request, context):
+        try:
+            return self.worker.detokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
 
     async def Prefill(self, messages, context: grpc.aio.ServicerContext):
         """`messages` is left unread: the call's messages are read one at a time (context.read)."""

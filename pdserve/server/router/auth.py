@@ -1,7 +1,8 @@
 """API keys for the client-facing fronts: `Authorization: Bearer KEY` on HTTP, the same in gRPC metadata.
 
 The router checks them (one gRPC interceptor, one HTTP middleware) on the calls a
-client makes: RouterService.Generate and ClusterStatus, and every /v1/ HTTP route.
+client makes: RouterService.Generate, ClusterStatus, SetRollout, Tokenize and Detokenize,
+every /v1/ HTTP route, and /tokenize and /detokenize (at the root, where vLLM serves them).
 Health checks, reflection and the workers' Register/Heartbeat stay open (workers are
 authenticated by mutual TLS, not by keys). Keys come from `--api-key` (repeatable)
 and `--api-key-file` (one per line, # comments); none given: no check.
@@ -18,7 +19,8 @@ import grpc
 from pdserve.errors import AuthenticationError
 
 PROTECTED_GRPC_METHODS = frozenset({"/pdserve.v1.RouterService/Generate", "/pdserve.v1.RouterService/ClusterStatus",
-                                    "/pdserve.v1.RouterService/SetRollout"})
+                                    "/pdserve.v1.RouterService/SetRollout", "/pdserve.v1.RouterService/Tokenize",
+                                    "/pdserve.v1.RouterService/Detokenize"})
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

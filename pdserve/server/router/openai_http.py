@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP on the router: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""OpenAI-compatible HTTP on the router: /v1/completions, /v1/chat/completions, /v1/models, /health,
+and vLLM's /tokenize and /detokenize.
 
 aiohttp, on the router's own event loop. A request body becomes the GenerateRequest
 the SDK would send (`pdserve.client.convert.request_pb`) and goes through the
@@ -13,6 +14,18 @@ keys: `Authorization: Bearer KEY`); an unknown model 404; no room 429; no
 worker 503; a deadline 504. An error after the stream began is one `data:
 {"error": ...}` event before [DONE]. Not supported (400, named): n > 1, best_of,
 echo, logit_bias, logprobs, suffix, tools.
+
+/tokenize and /detokenize take vLLM's bodies and answer its shapes, from a worker's own
+preprocessing (`pdserve.server.router.tokenization`), so `count` is the `usage.prompt_tokens` a
+completion of the same input reports:
+  POST /tokenize {"prompt": str, "add_special_tokens"?: bool} or {"messages": [...],
+    "add_generation_prompt"?: bool, "add_special_tokens"?: bool}, either with "model"? and
+    "return_token_strs"?: bool -> {"count", "max_model_len", "tokens": [id], "token_strs": [str] | null}
+  POST /detokenize {"tokens": [id], "model"?} -> {"prompt": str}
+An omitted flag means what generation does (special tokens: the worker's setting for a prompt, none
+added to a chat template's; the generation prompt added). Not supported (400, named):
+continue_final_message, chat_template, chat_template_kwargs, tools, media_io_kwargs,
+mm_processor_kwargs. They need an API key as the /v1/ routes do.
 
 Every request has an id: the caller's `X-Request-Id` header (1-128 printable ASCII characters,
 no spaces; 400 otherwise) or a new one. It is the request's id through the cluster (so
@@ -41,6 +54,7 @@ from pdserve.observability import tracing
 from pdserve.routing.registry import Role
 from pdserve.server.router.auth import ApiKeys
 from pdserve.server.streams import Watch
+from pdserve.v1 import tokenize_pb2
 
 log = logging.getLogger("pdserve.http")
 
@@ -52,6 +66,11 @@ _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (AuthenticationE
 _SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
              "top_k", "min_p", "repetition_penalty", "ignore_eos")
 _UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "suffix", "tools", "functions")
+# vLLM /tokenize fields that do not map onto pdserve's preprocessing.
+_TOKENIZE_UNSUPPORTED = ("continue_final_message", "chat_template", "chat_template_kwargs", "tools",
+                         "media_io_kwargs", "mm_processor_kwargs")
+# Routes outside /v1/ that need an API key all the same (vLLM serves these at the root).
+_KEYED_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 
@@ -70,7 +89,8 @@ class OpenAIServer:
         app.on_response_prepare.append(_echo_request_id)
         app.add_routes([web.get("/health", self._health), web.get("/v1/models", self._models),
                         web.post("/v1/completions", self._completions),
-                        web.post("/v1/chat/completions", self._chat)])
+                        web.post("/v1/chat/completions", self._chat),
+                        web.post("/tokenize", self._tokenize), web.post("/detokenize", self._detokenize)])
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> int:
@@ -87,8 +107,8 @@ class OpenAIServer:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
-        """/v1/ routes need an API key when the router has keys; /health stays open."""
-        if request.path.startswith("/v1/"):
+        """/v1/ routes, /tokenize and /detokenize need an API key when the router has keys; /health stays open."""
+        if request.path.startswith("/v1/") or request.path in _KEYED_ROOT_PATHS:
             try:
                 self.keys.check(request.headers.get("Authorization"))
             except AuthenticationError as exc:
@@ -140,6 +160,37 @@ class OpenAIServer:
                 return await _whole(stream, meta, chat)
             finally:
                 readers.release(watch)
+
+    async def _tokenize(self, http: web.Request) -> web.Response:
+        try:
+            body = await _json_body(http)
+            self._check_model(body)
+            pb = _tokenize_pb(body, http["request_id"])
+            with tracing.attach(_trace_parent(http)):
+                response = await self.router.tokenization.tokenize(pb, self.timeout_s)
+        except PdserveError as exc:
+            return _error_response(exc)
+        token_strs = list(response.token_strs) if pb.return_token_strs else None
+        return web.json_response({"count": len(response.token_ids), "max_model_len": response.max_model_len,
+                                  "tokens": list(response.token_ids), "token_strs": token_strs})
+
+    async def _detokenize(self, http: web.Request) -> web.Response:
+        try:
+            body = await _json_body(http)
+            self._check_model(body)
+            pb = _detokenize_pb(body, http["request_id"])
+            with tracing.attach(_trace_parent(http)):
+                response = await self.router.tokenization.detokenize(pb, self.timeout_s)
+        except InvalidRequestError as exc:
+            return _error_response(_renamed(exc, "token_ids", "tokens"))  # the worker names the proto's field
+        except PdserveError as exc:
+            return _error_response(exc)
+        return web.json_response({"prompt": response.text})
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model not in (None, "", self.model_name):
+            raise NotFoundError(f"model: {model!r} is not served here (GET /v1/models lists {self.model_name!r})")
 
     def _request_pb(self, body: dict, chat: bool, request_id: str):
         model = body.get("model")
@@ -291,6 +342,63 @@ async def _json_body(http: web.Request) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     return body
+
+
+def _trace_parent(http: web.Request):
+    """The caller's trace (W3C `traceparent` header), continued in the workers; None without one."""
+    return tracing.extract_context([(k.lower(), v) for k, v in http.headers.items()])
+
+
+def _tokenize_pb(body: dict, request_id: str) -> tokenize_pb2.TokenizeRequest:
+    """vLLM's /tokenize body as a TokenizeRequest; the worker checks the rest (roles, lengths, flags that
+    apply to messages only)."""
+    for name in _TOKENIZE_UNSUPPORTED:
+        if body.get(name) not in (None, False, {}, [], ""):
+            raise InvalidRequestError(name, "is not supported by pdserve's /tokenize")
+    pb = tokenize_pb2.TokenizeRequest(request_id=request_id, return_token_strs=bool(_flag(body, "return_token_strs")))
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise InvalidRequestError("prompt", "give exactly one of prompt (a string) and messages")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt", "must be a string")
+        pb.prompt = prompt
+    else:
+        if not isinstance(messages, list):
+            raise InvalidRequestError("messages", "must be a list of {role, content}")
+        pb.messages.SetInParent()
+        for i, m in enumerate(messages):
+            pb.messages.messages.add(**_message(m, i))
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        value = _flag(body, name)
+        if value is not None:
+            setattr(pb, name, value)  # set, even to false: absent means generation's rule
+    return pb
+
+
+def _detokenize_pb(body: dict, request_id: str) -> tokenize_pb2.DetokenizeRequest:
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise InvalidRequestError("tokens", "must be a list of token ids")
+    for i, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < 2**32:
+            raise InvalidRequestError(f"tokens[{i}]", f"{token!r} is not a token id (an integer from 0)")
+    return tokenize_pb2.DetokenizeRequest(request_id=request_id, token_ids=tokens)
+
+
+def _flag(body: dict, name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _renamed(exc: InvalidRequestError, proto_field: str, json_field: str) -> InvalidRequestError:
+    """`exc` naming the JSON body's field where it names the proto's (token_ids[3] -> tokens[3])."""
+    if not exc.field.startswith(proto_field):
+        return exc
+    message = str(exc).partition(f"{exc.field}: ")[2]
+    return InvalidRequestError(json_field + exc.field[len(proto_field):], message, request_id=exc.request_id)
 
 
 def _message(m: Any, index: int) -> dict[str, str]:

@@ -25,7 +25,8 @@ Request lifecycle (one RouterService.Generate stream):
 7. a client that stops reading (`pdserve.server.streams`): past --slow-reader-timeout-s
    the decode call is cancelled, freeing its blocks, and the stream ends RESOURCE_EXHAUSTED.
 Workers register and heartbeat here (`pdserve.server.router.membership`); a worker that misses
-heartbeats is not placed on.
+heartbeats is not placed on. Tokenize and Detokenize are answered by a worker's preprocessing
+(`pdserve.server.router.tokenization`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ from pdserve.routing.rollout import Rollout
 from pdserve.routing.route import CallFailed, Relayed, Route, RouteLimits
 from pdserve.server import daemon, observe, streams, wire
 from pdserve.server.router.membership import Membership
+from pdserve.server.router.tokenization import Tokenization
 from pdserve.server.streams import SlowReaders
 from pdserve.status import abort_with, error_from_status
-from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc, tokenize_pb2
 
 log = logging.getLogger("pdserve.router")
 
@@ -76,6 +78,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._decode_stub = daemon.Stubs(decode_pb2_grpc.DecodeServiceStub)
         self.membership = Membership(registry)
         self.relays = Relays(registry)
+        self.tokenization = Tokenization(registry, self._rng)
 
     # -- worker membership (pdserve.server.router.membership) ------------------------------------
 
@@ -104,6 +107,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         log.info("rollout: weights %s, shadow %s at %.2f", dict(request.weights) or "none",
                  request.shadow_version or "none", request.shadow_fraction)
         return router_pb2.RolloutResponse(rollout=request)
+
+    # -- tokenization (pdserve.server.router.tokenization) ---------------------------------------
+
+    async def Tokenize(self, request: tokenize_pb2.TokenizeRequest, context):
+        try:
+            return await self.tokenization.tokenize(request, context.time_remaining())
+        except PdserveError as exc:
+            await abort_with(context, exc)
+
+    async def Detokenize(self, request: tokenize_pb2.DetokenizeRequest, context):
+        try:
+            return await self.tokenization.detokenize(request, context.time_remaining())
+        except PdserveError as exc:
+            await abort_with(context, exc)
 
     # -- requests -------------------------------------------------------------------------
 
