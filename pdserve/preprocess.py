@@ -16,6 +16,7 @@ import array
 import hashlib
 import json
 import pathlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -122,6 +123,8 @@ class Preprocessor:
         self.chat_template = chat_template  # None: the model's own
         self.max_prompt_chars = max_prompt_chars
         self.add_special_tokens = add_special_tokens  # for plain prompts (a chat template writes its own)
+        self._byte_level: bool | None = None  # whether the vocabulary spells bytes as GPT-2 does
+        self._token_bytes: dict[int, bytes] = {}
 
     def __call__(
         self,
@@ -182,6 +185,20 @@ class Preprocessor:
         self._check_ids(token_ids, request_id)
         return self.tokenizer.decode(list(token_ids))
 
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each id's bytes in the vocabulary: part of a UTF-8 character for some (what logprobs report)."""
+        if self._byte_level is None:
+            decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+            self._byte_level = type(decoder).__name__ == "ByteLevel"
+        out = []
+        for token_id in token_ids:
+            cached = self._token_bytes.get(token_id)
+            if cached is None:
+                token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+                cached = self._token_bytes[token_id] = _token_bytes(token, self._byte_level)
+            out.append(cached)
+        return out
+
     def token_strs(self, token_ids: Sequence[int]) -> list[str]:
         """The tokenizer's own string for each id (byte-level tokenizers write a leading space "Ġ")."""
         return self.tokenizer.convert_ids_to_tokens(list(token_ids))
@@ -235,3 +252,23 @@ def _digest(value: str | Sequence[ChatMessage]) -> bytes:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
     return h.digest()
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """Byte-level BPE vocabularies spell each byte as one printable character: the printable
+    Latin-1 bytes as themselves, every other byte as chr(256 + k), k counting them in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _gpt2_byte_chars()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+def _token_bytes(token: str, byte_level: bool) -> bytes:
+    if byte_level and all(c in _BYTE_OF_CHAR for c in token):
+        return bytes(_BYTE_OF_CHAR[c] for c in token)
+    if match := _BYTE_TOKEN.fullmatch(token):
+        return bytes([int(match.group(1), 16)])
+    return token.replace("\u2581", " ").encode()

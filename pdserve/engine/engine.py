@@ -396,6 +396,9 @@ class LLMEngine:
         vocab = self.spec.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})", request_id=request_id)
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
+            raise InvalidRequestError("logit_bias", f"token id {params.logit_bias[-1][0]} is not in [0, {vocab})",
+                                      request_id=request_id)
         total = len(prompt) + num_output_tokens
         if total >= self.max_model_len:
             raise InvalidRequestError(

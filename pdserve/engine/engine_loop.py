@@ -121,12 +121,13 @@ class EngineLoop:
         return self.call(write)
 
     def complete_remote(self, request_id: str, first_token_ids: list[int], sink: Sink,
-                        logprobs: list[TokenLogprobs | None] | None = None) -> Future[None]:
+                        logprobs: list[TokenLogprobs | None] | None = None,
+                        prompt_logprobs: list[TokenLogprobs | None] | None = None) -> Future[None]:
         """A reserved request's KV is all written and its first tokens (one per sample) sampled
         elsewhere: decode it here, its outputs (those first tokens first) to sink."""
         def complete(engine: LLMEngine) -> None:
             self._sinks[request_id] = sink
-            engine.complete_remote_kv(request_id, first_token_ids, logprobs)
+            engine.complete_remote_kv(request_id, first_token_ids, logprobs, prompt_logprobs)
 
         return self.call(complete)
 

@@ -97,7 +97,7 @@ def _fill_uniforms(out: torch.Tensor, seed: int, position: int) -> torch.Tensor:
 class Sampler:
     """Samples one token per row of a batch of logits.
 
-    Per row, in order: repetition penalty, presence/frequency penalties, then either
+    Per row, in order: logit bias, repetition penalty, presence/frequency penalties, then either
     the greedy pick (first maximum) or temperature, top-k, top-p, min-p and a seeded
     draw. The draw is the exponential race: the token maximising prob / Exp(1), with
     the exponentials made from `draw_uniforms(seed, position, V)`, done in log space
@@ -113,8 +113,12 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
         penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
-        # Penalties write in place: copy then, so the caller's float32 logits stay intact.
-        logits = logits.to(torch.float32, copy=bool(penalised))  # [B, V]
+        biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        # Biases and penalties write in place: copy then, so the caller's float32 logits stay intact.
+        logits = logits.to(torch.float32, copy=bool(penalised or biased))  # [B, V]
+        for i in biased:
+            ids, values = zip(*rows[i].params.logit_bias)
+            logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(values, device=logits.device)
         for i in penalised:
             apply_penalties(logits[i], rows[i])
             # Extreme penalties overflow float32: +inf would make the filters' sums inf - inf.

@@ -16,6 +16,8 @@ MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
 MAX_N = 128  # OpenAI's limit on samples per request
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_LOGIT_BIAS = 100.0
 # Below this temperature, logits / temperature can overflow float32; such rows are greedy.
 MIN_TEMPERATURE = 1e-5
 
@@ -65,6 +67,9 @@ class SamplingParams:
     # None: off; else report each prompt token's logprob (from the second on), with this many
     # top alternatives (0..MAX_LOGPROBS). Such a prompt is computed whole: no prefix-cache hit.
     prompt_logprobs: int | None = None
+    # (token id, value) pairs added to those tokens' logits before anything else, values in [-100, 100]
+    # (OpenAI's logit_bias; -100 all but bans a token). Ids are checked against the vocabulary at submission.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Independent samples of the same prompt: one prefill, n decodes sharing its KV blocks.
     n: int = 1
 
@@ -83,6 +88,7 @@ class SamplingParams:
         self._validate_floats()
         object.__setattr__(self, "stop", _validated_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _validated_stop_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _validated_logit_bias(self.logit_bias))
 
     def _validate_floats(self) -> None:
         # (name, lowest, highest, whether the lowest value itself is allowed)
@@ -123,6 +129,27 @@ def _validated_stop(stop: object) -> tuple[str, ...]:
                 "stop", f"each stop string must be a non-empty str of at most {MAX_STOP_STRING_CHARS} chars"
             )
     return tuple(stop)
+
+
+def _validated_logit_bias(pairs: object) -> tuple[tuple[int, float], ...]:
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    if not isinstance(items, (tuple, list, type({}.items()))):
+        raise InvalidRequestError("logit_bias", f"must map token ids to numbers, got {type(pairs).__name__}")
+    items = list(items)
+    if len(items) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidRequestError("logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(items)}")
+    out = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidRequestError("logit_bias", "must map token ids to numbers")
+        token_id, value = item
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise InvalidRequestError("logit_bias", f"token ids must be ints >= 0, got {token_id!r}")
+        value = _check_float(f"logit_bias[{token_id}]", value)
+        if abs(value) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias[{token_id}]", f"must be in [-100, 100], got {value}")
+        out[token_id] = value
+    return tuple(sorted(out.items()))
 
 
 def _validated_stop_token_ids(ids: object) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import DecodeError
 
+from pdserve.engine.sampling import TokenLogprobs
 from pdserve.kv_transfer.protocol import KVGeometry, payload_checksum
 from pdserve.kv_transfer.receiver import KVHeaderData
 from pdserve.kv_transfer.sender import KVChunkData
@@ -169,3 +170,10 @@ def kv_header_from_pb(h: prefill_pb2.KVHeader) -> KVHeaderData:
     lay = h.kv_layout
     return KVHeaderData(h.wire_version, h.request_id, tuple(h.prompt_token_ids), fingerprint_str(h.model),
                         KVGeometry(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype), h.num_kv_bytes)
+
+
+def logprobs_from_pb(pb: common_pb2.TokenLogprobs) -> TokenLogprobs | None:
+    """An empty message (a position nothing predicts, or logprobs not asked for) is None."""
+    if not pb.HasField("chosen"):
+        return None
+    return TokenLogprobs(pb.chosen.token_id, pb.chosen.logprob, [(t.token_id, t.logprob) for t in pb.top])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import grpc
 
 from pdserve.errors import KVTransferError
-from pdserve.kv_transfer.codec import KVChunkView, kv_header_from_pb, prefill_response_from_bytes
+from pdserve.kv_transfer.codec import KVChunkView, kv_header_from_pb, logprobs_from_pb, prefill_response_from_bytes
 from pdserve.kv_transfer.transport import KVFirstToken, KVMessage
 from pdserve.status import error_from_status
 from pdserve.v1 import common_pb2, prefill_pb2, tokenize_pb2
@@ -55,7 +55,10 @@ class GrpcKVSource:
             return msg.chunk
         if kind == "first_token":
             first = msg.first_token
-            return KVFirstToken(first.token_id, first.timings.prefill_ms, first.num_cached_tokens)
+            return KVFirstToken(
+                first.token_id, first.timings.prefill_ms, first.num_cached_tokens, logprobs_from_pb(first.logprobs),
+                tuple((s.token_id, logprobs_from_pb(s.logprobs)) for s in first.more_samples),
+                [logprobs_from_pb(lp) for lp in first.prompt_logprobs] or None)
         raise KVTransferError(f"unexpected {kind} message on the prefill stream", request_id=rid)
 
     async def skip(self, num_cached_tokens: int) -> None:

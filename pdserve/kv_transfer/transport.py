@@ -26,17 +26,31 @@ from typing import Protocol
 
 import torch
 
+from pdserve.engine.sampling import TokenLogprobs
 from pdserve.errors import KVTransferError
 from pdserve.kv_transfer.receiver import KVChunkFields, KVHeaderData, KVReceiver
 
 
 @dataclass(frozen=True)
 class KVFirstToken:
-    """The last message of a transfer: the token the sender sampled from the prompt."""
+    """The last message of a transfer: the token the sender sampled from the prompt (one per sample)."""
 
     token_id: int
     prefill_ms: float = 0.0  # the sender's queue and compute time
     num_cached_tokens: int = 0  # prompt tokens the sender found in its own prefix cache
+    logprobs: TokenLogprobs | None = None
+    # n > 1: the first tokens of samples 1.. and their logprobs.
+    more_samples: tuple[tuple[int, TokenLogprobs | None], ...] = ()
+    # The request's prompt logprobs, when it asked for them.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [self.token_id, *(t for t, _ in self.more_samples)]
+
+    @property
+    def all_logprobs(self) -> list[TokenLogprobs | None]:
+        return [self.logprobs, *(lp for _, lp in self.more_samples)]
 
 
 KVMessage = KVHeaderData | KVChunkFields | KVFirstToken

@@ -10,7 +10,8 @@ The rules, for each attempt on a decode worker:
 2. the call's messages are relayed as they come; its end ends the request;
 3. the call fails with UNAVAILABLE after tokens went out (the worker died, drained or froze):
    the request resumes on another decode worker after those tokens, the failed worker marked
-   down; at most `migration_limit` moves;
+   down; at most `migration_limit` moves. A request that cannot resume from one token list
+   (n > 1 samples: not `resumable`) fails with the error instead;
 4. it fails before anything went out with a status another worker may not share
    (UNAVAILABLE, RESOURCE_EXHAUSTED, FAILED_PRECONDITION): placed again elsewhere, at most
    `max_placements` attempts; UNAVAILABLE marks the worker down, FAILED_PRECONDITION the
@@ -74,7 +75,7 @@ class Route:
     `on_migrate(placement, num_tokens_sent, error)` observe the rules' decisions (logs, traces, metrics)."""
 
     def __init__(self, request_id: str, placer: Placer, place: Place, *, prefix_keys: Sequence[int] = (),
-                 version: str | None = None, deadline: float | None = None, limits: RouteLimits | None = None,
+                 version: str | None = None, resumable: bool = True, deadline: float | None = None, limits: RouteLimits | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_retry: Callable[[Placement, str, PdserveError], None] | None = None,
@@ -90,6 +91,7 @@ class Route:
         self._place = place
         self._prefix_keys = prefix_keys
         self._version = version
+        self._resumable = resumable  # whether a request cut mid-generation may continue elsewhere (n == 1)
         self._deadline = deadline  # on `clock`
         self._clock = clock
         self._sleep = sleep
@@ -120,7 +122,7 @@ class Route:
             except CallFailed as failed:
                 code, last_error = failed.code, failed.error
             decode_id = placement.decode.worker_id
-            if self.generated and code == "UNAVAILABLE":
+            if self.generated and code == "UNAVAILABLE" and self._resumable:
                 if self.num_migrations >= self.limits.migration_limit:
                     raise UnavailableError(
                         f"decode worker {decode_id} failed mid-generation and the request already moved "

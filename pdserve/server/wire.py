@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from pdserve.engine.model_loader import Fingerprint
@@ -21,8 +23,10 @@ FINISH_REASONS = {
 # Sampling fields that are proto3 `optional` and map 1:1 onto SamplingParams.
 _OPTIONAL_SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs",
+    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "n", "prompt_logprobs",
 )
+# A vocabulary's bytes of each token id, for logprobs (Preprocessor.token_bytes).
+TokenBytes = Callable[[Sequence[int]], list[bytes]]
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
@@ -30,6 +34,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
     kwargs: dict = {name: getattr(pb, name) for name in _OPTIONAL_SAMPLING_FIELDS if pb.HasField(name)}
     kwargs["stop"] = tuple(pb.stop)
     kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
+    kwargs["logit_bias"] = tuple(pb.logit_bias.items())
     return SamplingParams(**kwargs)
 
 
@@ -84,19 +89,27 @@ def layout_str(pb: common_pb2.KVLayout) -> str:
     return f"{pb.num_layers}x{pb.num_kv_heads}x{pb.head_dim}/{pb.dtype}"
 
 
-def logprobs_to_pb(lp: TokenLogprobs | None) -> common_pb2.TokenLogprobs:
+def logprobs_to_pb(lp: TokenLogprobs | None, token_bytes: TokenBytes | None = None) -> common_pb2.TokenLogprobs:
+    """token_bytes: fill each token's bytes (what a client shows); None leaves them empty (KV wire)."""
     if lp is None:
         return common_pb2.TokenLogprobs()
+    ids = [lp.token_id, *(t for t, _ in lp.top)]
+    spelled = token_bytes(ids) if token_bytes is not None else [b""] * len(ids)
     return common_pb2.TokenLogprobs(
-        chosen=common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
-        top=[common_pb2.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        chosen=common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token_bytes=spelled[0]),
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=p, token_bytes=b)
+             for (t, p), b in zip(lp.top, spelled[1:])],
     )
 
 
-def delta_to_pb(out: RequestOutput, completion_index: int) -> common_pb2.GenerateResponse:
-    delta = common_pb2.TokenDelta(token_ids=out.token_ids, text=out.text, completion_index=completion_index)
+def delta_to_pb(out: RequestOutput, completion_index: int, token_bytes: TokenBytes | None = None
+                ) -> common_pb2.GenerateResponse:
+    delta = common_pb2.TokenDelta(token_ids=out.token_ids, text=out.text, completion_index=completion_index,
+                                  index=out.index)
     if out.logprobs is not None:
-        delta.logprobs.extend(logprobs_to_pb(lp) for lp in out.logprobs)
+        delta.logprobs.extend(logprobs_to_pb(lp, token_bytes) for lp in out.logprobs)
+    if out.prompt_logprobs is not None:
+        delta.prompt_logprobs.extend(logprobs_to_pb(lp, token_bytes) for lp in out.prompt_logprobs)
     return common_pb2.GenerateResponse(delta=delta)
 
 
@@ -106,5 +119,5 @@ def result_to_pb(out: RequestOutput, timings: common_pb2.Timings, **fields) -> c
                              cached_prompt_tokens=out.num_cached_tokens)
     result = common_pb2.GenerateResult(
         finish_reason=FINISH_REASONS.get(out.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-        usage=usage, timings=timings, **fields)
+        usage=usage, timings=timings, index=out.index, **fields)
     return common_pb2.GenerateResponse(result=result)

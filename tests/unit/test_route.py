@@ -59,7 +59,8 @@ class Scenario:
     """A route whose calls go to the fake worker each decode worker id maps to."""
 
     def __init__(self, registry: Registry, behaviour: dict[str, Callable], clock: Clock | None = None,
-                 limits: RouteLimits | None = None, version: str | None = None, deadline: float | None = None):
+                 limits: RouteLimits | None = None, version: str | None = None, deadline: float | None = None,
+                 resumable: bool = True):
         self.registry = registry
         self.placer = Placer(registry)
         self.clock = clock or Clock()
@@ -69,7 +70,8 @@ class Scenario:
         self.in_flight_seen: list[int] = []
         self.route = Route(
             "r", self.placer, lambda excluded, attempt: self.placer.place(10, exclude_decode=excluded, version=version),
-            version=version, deadline=deadline, limits=limits, clock=self.clock, sleep=self.clock.sleep,
+            version=version, resumable=resumable, deadline=deadline, limits=limits, clock=self.clock,
+            sleep=self.clock.sleep,
             on_retry=lambda p, code, error: self.retries.append((p.decode.worker_id, code)),
             on_migrate=lambda p, n, error: self.migrations.append((p.decode.worker_id, n)))
         self.behaviour = behaviour
@@ -147,6 +149,16 @@ def test_a_worker_that_dies_mid_generation_is_left_and_the_request_resumes_after
     assert [m[2] for m in out[:-1]] == [dead, dead, other, other, other] and out[-1] == ("result", other)
     assert s.calls == [(dead, []), (other, [5, 6])] and s.migrations == [(dead, 2)]
     assert registry.get(dead).health == Health.UNHEALTHY and dead in s.route.excluded
+
+
+def test_a_request_that_cannot_resume_fails_when_its_worker_dies_mid_generation():
+    """n > 1 samples cannot continue from one token list: the client gets the error, not a mix."""
+    registry, decodes, _ = cluster(num_decode=2)
+    s = Scenario(registry, only(decodes, worker([1, 2, 3], ("UNAVAILABLE", UnavailableError("gone")), 2)),
+                 resumable=False)
+    with pytest.raises(UnavailableError, match="gone"):
+        s.run()
+    assert len(s.calls) == 1 and not s.migrations
 
 
 def test_other_failures_after_the_first_token_end_the_stream():

@@ -143,7 +143,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if prompt is None:
                     prompt = wire.prompt_ids_from_pb(request.request, w.preprocessor)
                 await asyncio.wrap_future(w.loop.submit(rid, prompt, params, sink, generated or None))
-            index = len(generated)
+            num_sent = [len(generated)] * params.n  # completion tokens streamed, per sample
             ttft_ms = None
             decode_start_ns, last_token = time.time_ns(), 0.0
             while not finished:
@@ -159,11 +159,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         metrics.record_itl(now - last_token)
                     last_token = now
                     watch.sending()
-                    yield wire.delta_to_pb(out, index)
+                    yield wire.delta_to_pb(out, num_sent[out.index], w.preprocessor.token_bytes)
                     watch.sent()
-                    index += len(out.token_ids)
-                if finished:
-                    self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
+                    num_sent[out.index] += len(out.token_ids)
+                if out.finish_reason is not None:  # this sample's end (with n = 1, the request's)
+                    if finished:
+                        self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
                     yield self._result(rid, out, attempt, remote, started, ttft_ms)
         except PdserveError as exc:
             observe.failed(metrics, exc)
@@ -272,7 +273,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             attempt.kv_transfer_ms = pulled.transfer_s * 1e3
             attempt.prefill_ms = pulled.first_token.prefill_ms
             tracing.set_attributes({Attr.KV_BYTES: pulled.num_bytes, Attr.KV_CHUNKS: pulled.num_chunks})
-            await asyncio.wrap_future(w.loop.complete_remote(rid, [pulled.first_token.token_id], sink))
+            first = pulled.first_token
+            await asyncio.wrap_future(w.loop.complete_remote(rid, first.token_ids, sink, first.all_logprobs,
+                                                             first.prompt_logprobs))
 
     def _result(self, rid, out: RequestOutput, attempt: _Attempt, remote: bool, started: float,
                 ttft_ms: float | None):

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
@@ -123,11 +124,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             await asyncio.wrap_future(submitted)
             async for chunk in outbox.chunks():
                 yield chunk if isinstance(chunk, bytes) else await self.faults.encode(chunk, kv_chunk_response)
-            item: RequestOutput = outbox.end
-            finished = item.finished
-            if item.error is not None or item.finish_reason == "abort" or not item.token_ids:
-                raise item.error or FatalError("prefill aborted", request_id=rid)
-            first = self._first_token(rid, item, started)
+            samples: list[RequestOutput] = outbox.end  # one per sample, by index
+            item = samples[0]
+            finished = True
+            for out in samples:
+                if out.error is not None or out.finish_reason == "abort" or not out.token_ids:
+                    raise out.error or FatalError("prefill aborted", request_id=rid)
+            first = self._first_token(rid, samples, started)
             first.timings.kv_send_ms = outbox.send_ms
             self._observe_finished(item, sender, submitted_ns, first.timings.kv_send_ms, started)
             yield prefill_pb2.PrefillResponse(first_token=first)
@@ -169,7 +172,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         # The first token is sampled here with the request's own parameters; the rest is decode's.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
         kv_sink = lambda _rid, layer, start, k, v: sender.on_kv(layer, start, k, v)  # noqa: E731
-        return w.loop.submit_export(rid, prompt, first_params, outbox.post, kv_sink), sender, outbox
+        return w.loop.submit_export(rid, prompt, first_params, _gathered(outbox.post), kv_sink), sender, outbox
 
     def _observe_finished(self, out: RequestOutput, sender: KVSender, submitted_ns: int, kv_send_ms: float,
                           started: float) -> None:
@@ -199,12 +202,30 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             model=w.fingerprint_pb, kv_layout=w.layout_pb, num_kv_bytes=w.geometry.total_bytes(len(prompt)),
             chunk_tokens=w.geometry.chunk_tokens(self._chunk_bytes(request)), prefill_worker_id=w.worker_id)
 
-    def _first_token(self, rid: str, out: RequestOutput, started: float) -> prefill_pb2.FirstToken:
+    def _first_token(self, rid: str, samples: list[RequestOutput], started: float) -> prefill_pb2.FirstToken:
+        out = samples[0]
         total_ms = (time.monotonic() - started) * 1e3
         queue_ms = (out.queue_s or 0.0) * 1e3
         first = prefill_pb2.FirstToken(
             request_id=rid, token_id=out.token_ids[0], num_cached_tokens=out.num_cached_tokens,
-            timings=prefill_pb2.PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - queue_ms, total_ms=total_ms))
+            timings=prefill_pb2.PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - queue_ms, total_ms=total_ms),
+            more_samples=[prefill_pb2.SampledToken(token_id=s.token_ids[0], logprobs=wire.logprobs_to_pb(
+                s.logprobs[0] if s.logprobs else None)) for s in samples[1:]])
         if out.logprobs and out.logprobs[0] is not None:
             first.logprobs.CopyFrom(wire.logprobs_to_pb(out.logprobs[0]))
+        if out.prompt_logprobs is not None:
+            first.prompt_logprobs.extend(wire.logprobs_to_pb(lp) for lp in out.prompt_logprobs)
         return first
+
+
+def _gathered(post: Callable[[list[RequestOutput]], None]) -> Callable[[RequestOutput], None]:
+    """A sink that posts a request's outputs together, by sample index, once the last has come (with
+    n > 1 every sample ends at its first token, in the same step)."""
+    outputs: list[RequestOutput] = []
+
+    def sink(out: RequestOutput) -> None:
+        outputs.append(out)
+        if out.finished:
+            post(sorted(outputs, key=lambda o: o.index))
+
+    return sink

@@ -212,7 +212,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prefix_keys = block_keys(_prefix_bytes(request)) if self.placer.uses_prefixes else []
         route = Route(rid, self.placer, lambda excluded, attempt: self._place(request, prefix_keys, excluded,
                                                                               attempt, version),
-                      prefix_keys=prefix_keys, version=version,
+                      prefix_keys=prefix_keys, version=version, resumable=request.sampling_params.n <= 1,
                       deadline=None if timeout_s is None else started + timeout_s, limits=self.limits,
                       on_retry=_log_retry, on_migrate=lambda placement, num_sent, error: self._log_migration(
                           rid, placement, num_sent, error))
@@ -228,13 +228,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if watch is not None:
                 watch.on_stall = call.cancel  # the decode worker aborts the request and frees its blocks
             relay = None
+            num_results = 0
             try:
                 with self.relays.track(placement.decode.worker_id, call.cancel) as relay:
                     async for response in call:
                         relay.received()
                         if response.WhichOneof("kind") == "result":
                             _stamp(response.result, started, queue_ms, first_ms)
-                            self._observe_finished(response.result, started, first_ms)
+                            num_results += 1
+                            if num_results == max(1, request.sampling_params.n):  # the request's last
+                                self._observe_finished(response.result, started, first_ms)
                             yield Relayed(response, final=True)
                         else:
                             first_ms = first_ms or (time.monotonic() - started) * 1e3
@@ -310,6 +313,11 @@ def _decode_request(request: common_pb2.GenerateRequest, placement: Placement,
                     generated: list[int]) -> decode_pb2.DecodeGenerateRequest:
     """`generated`: tokens a failed decode worker already streamed; the new one resumes after them."""
     candidates = [decode_pb2.PrefillCandidate(worker_id=w.worker_id, address=w.address) for w in placement.prefills]
+    if generated and request.sampling_params.HasField("prompt_logprobs"):  # the client has them already
+        resumed = common_pb2.GenerateRequest()
+        resumed.CopyFrom(request)
+        resumed.sampling_params.ClearField("prompt_logprobs")
+        request = resumed
     return decode_pb2.DecodeGenerateRequest(request=request, prefill_candidates=candidates,
                                             generated_token_ids=generated)
 
