@@ -25,26 +25,24 @@ from pdserve.client.channel import (
     require,
     rpc_error,
 )
-from pdserve.client.client import detokenize_request, tokenize_request
+from pdserve.client.client import StreamResults, detokenize_request, tokenize_request
 from pdserve.client.convert import (
     MessageLike,
     completion_from,
     delta_from_pb,
-    result_from_pb,
     stats_from_pb,
     worker_from_pb,
 )
-from pdserve.client.types import Completion, Delta, GenerationResult, WorkerInfo, WorkerStats
-from pdserve.errors import FatalError
+from pdserve.client.types import Completion, Delta, WorkerInfo, WorkerStats
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc
 
 
-class AsyncGenerateStream(AsyncIterator[Delta]):
-    """Async-iterates the deltas of one generate call; `.result` holds its
-    GenerationResult once the stream has ended (None before, or if the call failed)."""
+class AsyncGenerateStream(StreamResults, AsyncIterator[Delta]):
+    """Async-iterates the deltas of one generate call, as `GenerateStream` does (`.results`,
+    `.result`)."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self.result: GenerationResult | None = None
+        super().__init__()
         self._call = call
         self._done = False
 
@@ -56,15 +54,14 @@ class AsyncGenerateStream(AsyncIterator[Delta]):
             response = await self._read()
             if response is None:
                 self._done = True
-                if self.result is None:
-                    raise FatalError("the generate stream ended without a GenerateResult")
+                self._check_ended()
                 break
             kind = response.WhichOneof("kind")
             if kind == "delta":
                 return delta_from_pb(response.delta)
             if kind == "result":
-                # Keep reading: the stream's end (and its status) comes next.
-                self.result = result_from_pb(response.result)
+                # Keep reading: other samples' deltas, or the stream's end (and its status), come next.
+                self._keep(response.result)
         raise StopAsyncIteration
 
     def cancel(self) -> None:
@@ -139,11 +136,10 @@ class AsyncClient(GenerateCalls[AsyncGenerateStream]):
         await self.close()
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        """Runs a generation to its end; takes `generate`'s arguments."""
+        """Runs a generation to its end; takes `generate`'s arguments. As `Client.complete`."""
         async with self.generate(prompt, **kwargs) as stream:
             deltas = [delta async for delta in stream]
-        assert stream.result is not None  # a stream that ends cleanly has one, or raised
-        return completion_from(deltas, stream.result)
+        return completion_from(deltas, stream.results)  # a stream that ends cleanly has them all, or raised
 
     async def cluster_status(self, *, timeout: float | None = None) -> list[WorkerInfo]:
         """Every worker the router knows, sorted by worker_id."""

@@ -136,6 +136,9 @@ class GenerateCalls(Generic[StreamT]):
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
         version: str | None = None,
@@ -147,13 +150,19 @@ class GenerateCalls(Generic[StreamT]):
         dicts) and prompt_token_ids. `timeout` (seconds) is the call's gRPC
         deadline, the client's default if None. Raises the pdserve exception
         of the call's status.
+
+        `logprobs`: each token's logprob and this many top alternatives (Delta.logprobs);
+        `prompt_logprobs`: the same for the prompt's tokens (sample 0's first Delta);
+        `n`: independent samples, streamed interleaved (Delta.index), sample 0 being the
+        n = 1 answer; `logit_bias`: {token id: value in [-100, 100]} added to the logits.
         """
         require(self.service, GENERATE_SERVICES, "generate")
         sampling: Mapping[str, object] = dict(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, logprobs=logprobs)
+            ignore_eos=ignore_eos, logprobs=logprobs, n=n, prompt_logprobs=prompt_logprobs,
+            logit_bias=logit_bias)
         request = generate_request(self.service, prompt=prompt, messages=messages,
                                    prompt_token_ids=prompt_token_ids, sampling=sampling,
                                    request_id=request_id, version=version)

@@ -39,12 +39,40 @@ from pdserve.errors import FatalError, InvalidRequestError
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, router_pb2, router_pb2_grpc, tokenize_pb2
 
 
-class GenerateStream(Iterator[Delta]):
-    """Iterates the deltas of one generate call; `.result` holds its GenerationResult
-    once the stream has ended (None before, or if the call failed)."""
+class StreamResults:
+    """The GenerationResults a generate stream has read, one per sample (n > 1 streams several)."""
+
+    def __init__(self) -> None:
+        self._results: dict[int, GenerationResult] = {}
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """Every sample's result read so far, by index (all n once the stream has ended)."""
+        return [self._results[index] for index in sorted(self._results)]
+
+    @property
+    def result(self) -> GenerationResult | None:
+        """Sample 0's result (the only one with n = 1); None before it came, or if the call failed."""
+        return self._results.get(0)
+
+    def _keep(self, pb: common_pb2.GenerateResult) -> None:
+        result = result_from_pb(pb)
+        self._results[result.index] = result
+
+    def _check_ended(self) -> None:
+        """At the end of the call: a result for each of samples 0 .. n - 1, or FatalError."""
+        if not self._results or sorted(self._results) != list(range(len(self._results))):
+            raise FatalError(f"the generate stream ended with results for samples {sorted(self._results)}, "
+                             "not one for each of 0 .. n - 1")
+
+
+class GenerateStream(StreamResults, Iterator[Delta]):
+    """Iterates the deltas of one generate call (with n > 1 every sample's, interleaved;
+    `Delta.index` tells them apart); `.results` holds each sample's GenerationResult and
+    `.result` sample 0's once they came (None before, or if the call failed)."""
 
     def __init__(self, call: grpc.Call) -> None:
-        self.result: GenerationResult | None = None
+        super().__init__()
         self._call = call
         self._done = False
 
@@ -56,15 +84,14 @@ class GenerateStream(Iterator[Delta]):
             response = self._read()
             if response is None:
                 self._done = True
-                if self.result is None:
-                    raise FatalError("the generate stream ended without a GenerateResult")
+                self._check_ended()
                 break
             kind = response.WhichOneof("kind")
             if kind == "delta":
                 return delta_from_pb(response.delta)
             if kind == "result":
-                # Keep reading: the stream's end (and its status) comes next.
-                self.result = result_from_pb(response.result)
+                # Keep reading: other samples' deltas, or the stream's end (and its status), come next.
+                self._keep(response.result)
         raise StopIteration
 
     def close(self) -> None:
@@ -128,11 +155,11 @@ class Client(GenerateCalls[GenerateStream]):
         self.close()
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        """Runs a generation to its end; takes `generate`'s arguments."""
+        """Runs a generation to its end; takes `generate`'s arguments. Sample 0's Completion,
+        with every sample's in `.samples` when n > 1."""
         with self.generate(prompt, **kwargs) as stream:
             deltas = list(stream)
-        assert stream.result is not None  # a stream that ends cleanly has one, or raised
-        return completion_from(deltas, stream.result)
+        return completion_from(deltas, stream.results)  # a stream that ends cleanly has them all, or raised
 
     def cluster_status(self, *, timeout: float | None = None) -> list[WorkerInfo]:
         """Every worker the router knows, sorted by worker_id."""

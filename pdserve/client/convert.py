@@ -7,6 +7,7 @@ Requests are built only by `request_pb` (and wrapped for a decode daemon by
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from pdserve.client.types import (
@@ -63,8 +64,9 @@ def request_pb(
 
     `sampling` maps SamplingParams field names to values; a None value leaves
     the field absent (how seed and logprobs say "off"), anything else is set
-    explicitly. Values protobuf rejects (a negative max_tokens, a str seed)
-    raise InvalidRequestError naming the field, as the server would.
+    explicitly (`logit_bias`: a mapping of token id to bias). Values protobuf
+    rejects (a negative max_tokens, a str seed) raise InvalidRequestError naming
+    the field, as the server would.
     """
     request = common_pb2.GenerateRequest(request_id=request_id or "")
     _set_input(request, prompt, messages, prompt_token_ids)
@@ -76,6 +78,8 @@ def request_pb(
         try:
             if name in ("stop", "stop_token_ids"):
                 getattr(params, name).extend([value] if isinstance(value, str) else value)
+            elif name == "logit_bias":
+                _set_logit_bias(params, value)
             else:
                 setattr(params, name, value)
         except (TypeError, ValueError) as exc:
@@ -94,6 +98,10 @@ def delta_from_pb(pb: common_pb2.TokenDelta) -> Delta:
         token_ids=list(pb.token_ids),
         logprobs=[_logprob_from_pb(entry) for entry in pb.logprobs] or None,
         completion_index=pb.completion_index,
+        index=pb.index,
+        # The first prompt token's entry is empty: nothing predicts it.
+        prompt_logprobs=[_logprob_from_pb(entry) if entry.HasField("chosen") else None
+                         for entry in pb.prompt_logprobs] or None,
     )
 
 
@@ -121,13 +129,25 @@ def result_from_pb(pb: common_pb2.GenerateResult) -> GenerationResult:
         num_prefill_attempts=pb.num_prefill_attempts,
         stop_string=pb.stop_string if matched == "stop_string" else None,
         stop_token_id=pb.stop_token_id if matched == "stop_token_id" else None,
+        index=pb.index,
     )
 
 
-def completion_from(deltas: Sequence[Delta], result: GenerationResult) -> Completion:
-    """Joins a stream's deltas with its result (plain types in, no protobuf)."""
+def completion_from(deltas: Sequence[Delta], results: GenerationResult | Sequence[GenerationResult]) -> Completion:
+    """Joins a stream's deltas with its results, one per sample in index order (plain types in,
+    no protobuf): sample 0's Completion, with every sample's in `samples` when there are several."""
+    if isinstance(results, GenerationResult):
+        results = [results]
+    samples = [_sample_from([d for d in deltas if d.index == result.index], result) for result in results]
+    if len(samples) == 1:
+        return samples[0]
+    return dataclasses.replace(samples[0], samples=samples)
+
+
+def _sample_from(deltas: Sequence[Delta], result: GenerationResult) -> Completion:
     logprobs = [entry for delta in deltas for entry in (delta.logprobs or ())]
     has_logprobs = any(delta.logprobs is not None for delta in deltas)
+    prompt_logprobs = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None)
     return Completion(
         text="".join(delta.text for delta in deltas),
         token_ids=[token_id for delta in deltas for token_id in delta.token_ids],
@@ -142,6 +162,7 @@ def completion_from(deltas: Sequence[Delta], result: GenerationResult) -> Comple
         num_prefill_attempts=result.num_prefill_attempts,
         stop_string=result.stop_string,
         stop_token_id=result.stop_token_id,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -207,11 +228,22 @@ def _role_and_content(message: MessageLike, index: int, request_id: str | None) 
         request_id=request_id)
 
 
+def _set_logit_bias(params: common_pb2.SamplingParams, value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"must map token ids to biases, got {type(value).__name__}")
+    for token_id, bias in value.items():
+        if isinstance(token_id, bool) or isinstance(bias, bool):  # protobuf would take them as 0/1
+            raise TypeError(f"{token_id!r}: {bias!r} is not a token id and a number")
+        params.logit_bias[token_id] = bias
+
+
 def _logprob_from_pb(pb: common_pb2.TokenLogprobs) -> TokenLogprob:
     return TokenLogprob(
         token_id=pb.chosen.token_id,
         logprob=pb.chosen.logprob,
-        top=[TokenLogprob(token_id=alt.token_id, logprob=alt.logprob) for alt in pb.top],
+        top=[TokenLogprob(token_id=alt.token_id, logprob=alt.logprob, token_bytes=alt.token_bytes)
+             for alt in pb.top],
+        token_bytes=pb.chosen.token_bytes,
     )
 
 

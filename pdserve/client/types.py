@@ -33,6 +33,9 @@ class TokenLogprob:
     # For a generated token: the most likely alternatives at its position, most
     # likely first (empty for the alternatives themselves, and with logprobs=0).
     top: list[TokenLogprob] = field(default_factory=list)
+    # The token's bytes in the vocabulary (possibly part of a UTF-8 character);
+    # b"" when the server did not fill them.
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,11 @@ class Delta:
     logprobs: list[TokenLogprob] | None
     # Position of token_ids[0] in the completion.
     completion_index: int = 0
+    # Which sample (0 .. n - 1) these tokens extend.
+    index: int = 0
+    # With prompt_logprobs, on sample 0's first delta only: one entry per prompt
+    # token, None for the first (nothing predicts it); None otherwise.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +80,8 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
-    """The end of a generate stream; kept as `.result` on the stream iterator."""
+    """The end of one sample of a generate stream; the stream iterator keeps them as
+    `.results` (by index) and sample 0's as `.result`."""
 
     # None only if a server broke the protocol and left it unset.
     finish_reason: FinishReason | None
@@ -87,11 +96,14 @@ class GenerationResult:
     # With finish_reason "stop": what matched; both None otherwise.
     stop_string: str | None
     stop_token_id: int | None
+    # Which sample this result ends; usage counts that sample's completion tokens.
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole generation: the concatenated deltas plus the stream's result."""
+    """A whole generation: the concatenated deltas plus the stream's result, of sample 0;
+    with n > 1 every sample is in `samples`."""
 
     text: str
     token_ids: list[int]
@@ -107,6 +119,11 @@ class Completion:
     num_prefill_attempts: int
     stop_string: str | None
     stop_token_id: int | None
+    # With n > 1: every sample's Completion in index order (samples[0] is this one
+    # without `samples`); empty for n = 1.
+    samples: list[Completion] = field(default_factory=list)
+    # With prompt_logprobs: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

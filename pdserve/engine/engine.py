@@ -173,8 +173,9 @@ class LLMEngine:
                                       f"n = {seq.params.n} samples, or one out of the vocabulary", request_id=request_id)
         logprobs = logprobs or [None] * len(first_token_ids)
         self.scheduler.remote_complete(seq)
-        self._fork(seq, list(zip(first_token_ids[1:], logprobs[1:])))
+        forks = self._fork(seq, list(zip(first_token_ids[1:], logprobs[1:])))
         self._emit_token(seq, first_token_ids[0], logprobs[0])
+        self._emit_forks(forks)
 
     def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ([Hkv, T, D]) of positions [start, end) of a request still holding its blocks."""
@@ -294,9 +295,11 @@ class LLMEngine:
 
     def _process_samples(self, seqs: list[Sequence], samples: SampleOutput, logits: torch.Tensor) -> None:
         for i, (seq, token_id, logprobs) in enumerate(zip(seqs, samples.token_ids, samples.logprobs)):
+            forks = []
             if seq.params.n > 1 and seq.index == 0 and seq.num_output_tokens == 0:
-                self._fork(seq, self._sample_first_tokens(seq, logits[i]))
+                forks = self._fork(seq, self._sample_first_tokens(seq, logits[i]))
             self._emit_token(seq, token_id, logprobs)
+            self._emit_forks(forks)
 
     def _sample_first_tokens(self, parent: Sequence, logits: torch.Tensor) -> list[tuple[int, TokenLogprobs | None]]:
         """The first tokens of samples 1..n-1, drawn from the [V] logits parent's first token came from."""
@@ -305,8 +308,11 @@ class LLMEngine:
         samples = self.runner.sampler(logits.unsqueeze(0).repeat(len(rows), 1), rows)
         return list(zip(samples.token_ids, samples.logprobs))
 
-    def _fork(self, parent: Sequence, first_tokens: list[tuple[int, TokenLogprobs | None]]) -> None:
-        """Samples 1.. of parent's request, which has just computed its prompt, each with its first token."""
+    def _fork(self, parent: Sequence, first_tokens: list[tuple[int, TokenLogprobs | None]]
+              ) -> list[tuple[Sequence, int, TokenLogprobs | None]]:
+        """Samples 1.. of parent's request, which has just computed its prompt: placed, and returned with
+        their first tokens, to emit after parent's (so that sample 0's first output comes first)."""
+        forks = []
         for index, (token_id, logprobs) in enumerate(first_tokens, start=1):
             child = Sequence(parent.request_id, parent.prompt_token_ids, parent.params,
                              sample_seed(parent.seed, index), index=index)
@@ -321,6 +327,11 @@ class LLMEngine:
                 if num_tokens:
                     self.kv_cache.copy_prefix(src, dst, num_tokens)
                 self.scheduler.add_forked(child)
+            forks.append((child, token_id, logprobs))
+        return forks
+
+    def _emit_forks(self, forks: list[tuple[Sequence, int, TokenLogprobs | None]]) -> None:
+        for child, token_id, logprobs in forks:
             self._emit_token(child, token_id, logprobs)
 
     def _emit_token(self, seq: Sequence, token_id: int, logprobs) -> None:

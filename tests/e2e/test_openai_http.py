@@ -60,14 +60,20 @@ def test_chat_streaming_and_whole_equal_the_sdks(served):
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"best_of": 2}, "best_of"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"extra_body": {"logit_bias": {"5": 1}}}, "logit_bias"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),  # out of the vocabulary: told by the worker
+    ({"echo": True, "logprobs": 2, "prompt": [5, 100_000]}, "prompt[1]"),  # told by the worker's detokenize
 ])
 def test_bad_fields_are_400_naming_the_field_and_the_next_request_is_served(served, kwargs, param):
     _, oai, _ = served
     with pytest.raises(openai.BadRequestError) as err:
-        oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=kwargs.pop("max_tokens", 4), **kwargs)
+        oai.completions.create(model="default", **{"prompt": PROMPT_IDS, "max_tokens": 4, **kwargs})
     assert err.value.status_code == 400
     assert err.value.body["param"] == param and param in err.value.body["message"]
     ok = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=2, temperature=0)
@@ -234,3 +240,133 @@ def test_the_router_falls_back_to_a_decode_worker_and_says_unavailable_without_o
     assert answer.worker_id and list(answer.token_ids) and registry.unresponsive(dead)
     with pytest.raises(UnavailableError):
         asyncio.run(tokenize(Registry()))
+
+
+# -- n, logprobs, echo, logit_bias -----------------------------------------------------------------
+
+
+def test_chat_n_samples_with_logprobs(served):
+    cluster, oai, _ = served
+    messages = [{"role": "user", "content": "hello there"}]
+    with Client(cluster.address) as sdk:
+        greedy = sdk.complete(messages=messages, max_tokens=6, temperature=0.0)
+        seeded = sdk.complete(messages=messages, max_tokens=6, temperature=1.0, seed=11)
+    answer = oai.chat.completions.create(model="default", messages=messages, max_tokens=6, temperature=0, n=3,
+                                         logprobs=True, top_logprobs=2)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert {c.message.content for c in answer.choices} == {greedy.text}
+    for choice in answer.choices:
+        content = choice.logprobs.content
+        assert len(content) == len(greedy.token_ids) and choice.finish_reason == greedy.finish_reason
+        for entry in content:
+            assert entry.bytes and entry.token == bytes(entry.bytes).decode("utf-8", "replace")
+            assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+            assert entry.top_logprobs[0].token == entry.token  # greedy: the most likely was chosen
+    assert answer.usage.completion_tokens == 3 * len(greedy.token_ids)
+    assert answer.usage.prompt_tokens == greedy.usage.prompt_tokens
+    sampled = oai.chat.completions.create(model="default", messages=messages, max_tokens=6, temperature=1.0,
+                                          seed=11, n=3)
+    assert sampled.choices[0].message.content == seeded.text and sampled.choices[0].logprobs is None
+
+
+def test_completions_echo_with_logprobs_puts_the_prompt_first(served):
+    cluster, oai, http = served
+    prompt = "the cat sat on"
+    _, tokenized = post_json(http, "/tokenize", {"prompt": prompt})
+    with Client(cluster.address) as sdk:
+        want = sdk.complete(prompt, max_tokens=4, temperature=0.0, logprobs=2)
+    got = oai.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = got.choices[0]
+    assert choice.text == prompt + want.text
+    lp, num_prompt = choice.logprobs, tokenized["count"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) \
+        == num_prompt + len(want.token_ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:num_prompt]) == prompt  # ASCII: every token is whole characters
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[num_prompt:] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
+    assert all(lp.tokens[i] in lp.top_logprobs[i] and len(lp.top_logprobs[i]) <= 3 for i in range(1, len(lp.tokens)))
+    # A token-id prompt is echoed as the worker detokenizes it; streamed, the first chunk is the prompt.
+    _, detokenized = post_json(http, "/detokenize", {"tokens": PROMPT_IDS})
+    chunks = [c for c in oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=3, temperature=0,
+                                                echo=True, stream=True) if c.choices]
+    whole = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=3, temperature=0, echo=True)
+    assert chunks[0].choices[0].text == detokenized["prompt"]
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert whole.choices[0].text.startswith(detokenized["prompt"]) and whole.choices[0].logprobs is None
+
+
+def test_streamed_echo_of_n_samples_starts_each_choice_with_the_prompt(served):
+    _, oai, _ = served
+    prompt = "the cat sat on"
+    kwargs = dict(model="default", prompt=prompt, max_tokens=4, temperature=1.0, seed=2, n=2, logprobs=1, echo=True)
+    whole = oai.completions.create(**kwargs)
+    firsts, joined, tokens = {}, {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in oai.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            firsts.setdefault(choice.index, choice)
+            joined[choice.index] += choice.text
+            tokens[choice.index] += choice.logprobs.tokens if choice.logprobs else []
+    for index in (0, 1):
+        assert firsts[index].text == prompt and firsts[index].logprobs.token_logprobs[0] is None
+        assert "".join(firsts[index].logprobs.tokens) == prompt
+    assert joined == {c.index: c.text for c in whole.choices}
+    assert tokens == {c.index: c.logprobs.tokens for c in whole.choices}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_chunks_of_n_samples_join_per_index_to_the_whole_answer(served, chat):
+    _, oai, _ = served
+    kwargs = dict(model="default", max_tokens=8, temperature=1.0, seed=5, n=2)
+    if chat:
+        create, kwargs["messages"] = oai.chat.completions.create, [{"role": "user", "content": "hi"}]
+        text = lambda choice: choice.delta.content or ""  # noqa: E731
+        whole_text = lambda choice: choice.message.content  # noqa: E731
+    else:
+        create, kwargs["prompt"] = oai.completions.create, PROMPT_IDS
+        text = lambda choice: choice.text  # noqa: E731
+        whole_text = lambda choice: choice.text  # noqa: E731
+    whole = create(**kwargs)
+    chunks = list(create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    joined, finish = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            assert len(chunk.choices) == 1
+            joined[choice.index] += text(choice)
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert joined == {c.index: whole_text(c) for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_logit_bias_forces_a_token(served):
+    cluster, oai, _ = served
+    forced = 300  # a merge of two letters, not EOS
+    with Client(cluster.address) as sdk:
+        spelled = sdk.detokenize([forced])
+    got = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=3, temperature=0,
+                                 logit_bias={str(forced): 100}, logprobs=0)
+    assert got.choices[0].text == spelled * 3 and got.choices[0].finish_reason == "length"
+    assert got.choices[0].logprobs.tokens == [spelled] * 3
+    chat = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == spelled * 3
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"extra_body": {"echo": True}}, "echo"),
+])
+def test_bad_chat_fields_are_400_naming_the_field(served, kwargs, param):
+    _, oai, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    **kwargs)
+    assert err.value.status_code == 400 and err.value.body["param"] == param

@@ -40,6 +40,8 @@ HANG = "hang"  # one delta, then nothing until the call ends
 SLOW = "slow"  # nothing until the call ends
 FAIL = "fail"  # aborts with FakeServer.error
 FAIL_LATE = "fail-late"  # one delta, then aborts with FakeServer.error
+SAMPLES = "samples"  # two samples, interleaved, with prompt logprobs and token bytes (_samples_stream)
+MISSING = "missing"  # two samples' deltas, but only sample 1's result
 
 CANCEL_WAIT_S = 1.0
 
@@ -62,6 +64,27 @@ def _canned_stream(request_id: str, logprobs: bool) -> list[common_pb2.GenerateR
         prefill_worker_id="p0", decode_worker_id="d0", prefill_mode=common_pb2.PREFILL_MODE_REMOTE,
         request_id=request_id or "router-assigned", num_prefill_attempts=1, stop_token_id=2)
     return [common_pb2.GenerateResponse(delta=d) for d in deltas] + [common_pb2.GenerateResponse(result=result)]
+
+
+def _samples_stream(request_id: str) -> list[common_pb2.GenerateResponse]:
+    """n = 2 as a router streams it: sample 0's first delta (with the prompt's 3 tokens' logprobs,
+    the first empty), sample 1's, sample 1's result, sample 0's second delta, sample 0's result."""
+    def lp(token_id: int, token_bytes: bytes) -> common_pb2.TokenLogprobs:
+        chosen = common_pb2.TokenLogprob(token_id=token_id, logprob=-0.5, token_bytes=token_bytes)
+        return common_pb2.TokenLogprobs(chosen=chosen, top=[chosen])
+
+    prompt = [common_pb2.TokenLogprobs(), lp(21, b" wor"), lp(22, b"ld")]
+    deltas = [common_pb2.TokenDelta(token_ids=[11], text="A", logprobs=[lp(11, b"A")], index=0,
+                                    prompt_logprobs=prompt),
+              common_pb2.TokenDelta(token_ids=[12, 13], text="\u00e9", logprobs=[lp(12, b"\xc3"), lp(13, b"\xa9")],
+                                    index=1),
+              common_pb2.TokenDelta(token_ids=[14], text="B", logprobs=[lp(14, b"B")], index=0, completion_index=1)]
+    results = [common_pb2.GenerateResult(finish_reason=reason, request_id=request_id or "router-assigned",
+                                         usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=count), index=i)
+               for i, reason, count in ((1, common_pb2.FINISH_REASON_STOP, 2), (0, common_pb2.FINISH_REASON_LENGTH, 2))]
+    d = [common_pb2.GenerateResponse(delta=x) for x in deltas]
+    r = [common_pb2.GenerateResponse(result=x) for x in results]
+    return [d[0], d[1], r[0], d[2], r[1]]
 
 
 @dataclass
@@ -95,6 +118,9 @@ class FakeServer:
 
         context.add_callback(on_end)
         canned = _canned_stream(request.request_id, request.sampling_params.HasField("logprobs"))
+        if request.prompt in (SAMPLES, MISSING):
+            canned = _samples_stream(request.request_id)
+            canned = canned[:-1] if request.prompt == MISSING else canned
         if request.prompt in (HANG, FAIL_LATE):
             yield canned[0]
         if request.prompt in (FAIL, FAIL_LATE):
@@ -435,3 +461,71 @@ def test_importing_the_client_does_not_import_torch() -> None:
             "print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- n samples, prompt logprobs, token bytes, logit bias ------------------------------------------
+
+
+def _check_samples(deltas: list, results: list, completion: Completion) -> None:
+    assert [(d.index, d.text) for d in deltas] == [(0, "A"), (1, "\u00e9"), (0, "B")]
+    assert [(r.index, r.finish_reason, r.usage.completion_tokens) for r in results] == [
+        (0, "length", 2), (1, "stop", 2)]
+    assert completion.text == "AB" and completion.token_ids == [11, 14] and completion.finish_reason == "length"
+    assert [(s.text, s.token_ids, s.finish_reason) for s in completion.samples] == [
+        ("AB", [11, 14], "length"), ("\u00e9", [12, 13], "stop")]
+    assert completion.samples[0].samples == []
+    assert [lp.token_bytes for lp in completion.samples[1].logprobs] == [b"\xc3", b"\xa9"]
+    prompt = completion.prompt_logprobs
+    assert prompt is not None and len(prompt) == 3 and prompt[0] is None
+    assert [(lp.token_id, lp.token_bytes) for lp in prompt[1:]] == [(21, b" wor"), (22, b"ld")]
+    assert prompt[1].top == [TokenLogprob(21, -0.5, token_bytes=b" wor")]
+    assert completion.samples[0].prompt_logprobs == prompt and completion.samples[1].prompt_logprobs is None
+
+
+def test_n_samples_stream_interleaved_and_complete_keeps_each(fake: FakeServer, client: Client) -> None:
+    stream = client.generate(SAMPLES, n=2, prompt_logprobs=1, logprobs=0)
+    deltas = list(stream)
+    assert stream.result is not None and stream.result.index == 0
+    completion = client.complete(SAMPLES, n=2, prompt_logprobs=1, logprobs=0)
+    _check_samples(deltas, stream.results, completion)
+    params = fake.requests[0].sampling_params
+    assert (params.n, params.prompt_logprobs, params.logprobs) == (2, 1, 0)
+
+
+def test_async_n_samples(fake: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(fake.address, timeout=5.0) as client:
+            stream = client.generate(SAMPLES, n=2)
+            deltas = [d async for d in stream]
+            _check_samples(deltas, stream.results, await client.complete(SAMPLES, n=2))
+
+    asyncio.run(main())
+
+
+def test_one_sample_has_no_samples_list(client: Client) -> None:
+    completion = client.complete("hello")
+    assert completion.samples == [] and completion.prompt_logprobs is None
+
+
+def test_a_stream_missing_a_samples_result_is_fatal(client: Client) -> None:
+    stream = client.generate(MISSING, n=2)
+    with pytest.raises(FatalError):
+        list(stream)
+    assert [r.index for r in stream.results] == [1] and stream.result is None
+
+
+def test_logit_bias_n_and_prompt_logprobs_are_sent_and_omitted_by_default(fake: FakeServer, client: Client) -> None:
+    client.complete("hello", logit_bias={1000: 100, 5: -2.5}, n=3, prompt_logprobs=0)
+    params = fake.requests[0].sampling_params
+    assert dict(params.logit_bias) == {1000: 100.0, 5: -2.5}
+    assert (params.n, params.HasField("prompt_logprobs"), params.prompt_logprobs) == (3, True, 0)
+    client.complete("hello")
+    params = fake.requests[1].sampling_params
+    assert not params.logit_bias and not params.HasField("prompt_logprobs") and params.n == 1
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {"5": 1.0}, {5: "x"}, {True: 1.0}, {5: True}, [(5, 1.0)]])
+def test_bad_logit_bias_fails_before_any_call(fake: FakeServer, client: Client, bias: object) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        client.generate("a", logit_bias=bias)  # type: ignore[arg-type]
+    assert info.value.field == "logit_bias" and fake.requests == []

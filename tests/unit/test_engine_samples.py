@@ -124,3 +124,12 @@ def test_n_is_checked(tiny_loaded, prompt):
         SamplingParams(n=0)
     with pytest.raises(InvalidRequestError, match="n"):
         engine.add_request("r", prompt, SamplingParams(n=2, max_tokens=8), output_token_ids=[5, 6])
+
+
+def test_sample_zero_speaks_first(tiny_loaded, prompt):
+    """Sample 0's first output (which carries the prompt logprobs) comes before any other sample's."""
+    engine = make_engine(tiny_loaded("llama"))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=4, temperature=1.0, seed=2, n=3, prompt_logprobs=0))
+    outputs = run_to_completion(engine)["r"]
+    assert outputs[0].index == 0 and outputs[0].prompt_logprobs is not None
+    assert all(o.prompt_logprobs is None for o in outputs[1:])

@@ -2,18 +2,20 @@
 and vLLM's /tokenize and /detokenize.
 
 aiohttp, on the router's own event loop. A request body becomes the GenerateRequest
-the SDK would send (`pdserve.client.convert.request_pb`) and goes through the
-router's own placement (`RouterServicer.generate`); the responses come back as SDK
-types and are written as OpenAI JSON, or as server-sent events with `stream: true`
-(`data: {chunk}` lines, then `data: [DONE]`). The caller's W3C `traceparent` header
-continues its trace, as gRPC metadata does.
+the SDK would send (`openai_request.parse`, through `pdserve.client.convert.request_pb`) and goes
+through the router's own placement (`RouterServicer.generate`); the responses come back as SDK
+types, are shaped into OpenAI's choices (`openai_response.Choices`: n samples, logprobs, echo) and
+written as OpenAI JSON, or as server-sent events with `stream: true` (`data: {chunk}` lines, each
+chunk one choice's part with its index, then `data: [DONE]`). The caller's W3C `traceparent`
+header continues its trace, as gRPC metadata does. Echo of a token-id prompt asks a worker to
+detokenize it first (the router has no tokenizer).
 
 Errors are OpenAI's error object, {"error": {"message", "type", "param", "code"}}:
 a bad field is 400 with `param` naming it; no valid API key 401 (when the router has
 keys: `Authorization: Bearer KEY`); an unknown model 404; no room 429; no
 worker 503; a deadline 504. An error after the stream began is one `data:
-{"error": ...}` event before [DONE]. Not supported (400, named): n > 1, best_of,
-echo, logit_bias, logprobs, suffix, tools.
+{"error": ...}` event before [DONE]. Not supported (400, named): best_of other than n,
+suffix, tools, functions, echo on chat, top_logprobs on completions (its `logprobs: N` says it).
 
 /tokenize and /detokenize take vLLM's bodies and answer its shapes, from a worker's own
 preprocessing (`pdserve.server.router.tokenization`), so `count` is the `usage.prompt_tokens` a
@@ -43,16 +45,18 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
-from pdserve.client.convert import delta_from_pb, request_pb, result_from_pb
+from pdserve.client.convert import delta_from_pb, result_from_pb
 from pdserve.errors import (AuthenticationError, CapacityError, DeadlineError, InvalidRequestError, NotFoundError,
                             PdserveError, UnavailableError)
 from pdserve.observability import tracing
 from pdserve.routing.registry import Role
+from pdserve.server.router import openai_request
 from pdserve.server.router.auth import ApiKeys
+from pdserve.server.router.openai_request import OpenAIRequest, flag, message
+from pdserve.server.router.openai_response import Choices, Piece
 from pdserve.server.streams import Watch
 from pdserve.v1 import tokenize_pb2
 
@@ -62,10 +66,6 @@ _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (AuthenticationE
            (NotFoundError, 404, "invalid_request_error"),
            (CapacityError, 429, "rate_limit_error"), (UnavailableError, 503, "service_unavailable"),
            (DeadlineError, 504, "timeout")]
-# OpenAI fields passed to SamplingParams as they are (the last four are pdserve/vLLM extensions).
-_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-             "top_k", "min_p", "repetition_penalty", "ignore_eos")
-_UNSUPPORTED = ("best_of", "echo", "logit_bias", "logprobs", "top_logprobs", "suffix", "tools", "functions")
 # vLLM /tokenize fields that do not map onto pdserve's preprocessing.
 _TOKENIZE_UNSUPPORTED = ("continue_final_message", "chat_template", "chat_template_kwargs", "tools",
                          "media_io_kwargs", "mm_processor_kwargs")
@@ -134,32 +134,45 @@ class OpenAIServer:
     async def _generate(self, http: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = await _json_body(http)
-            pb = self._request_pb(body, chat, http["request_id"])
+            self._check_model(body)
+            pb, spec = openai_request.parse(body, chat, http["request_id"])
         except PdserveError as exc:
             return _error_response(exc)
         pb.version = http.headers.get("X-Pdserve-Version", "")  # A/B: pin a rollout version
         rid = pb.request_id
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": self.model_name,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
-        parent = tracing.extract_context([(k.lower(), v) for k, v in http.headers.items()])
         readers = self.router.readers
-        with tracing.attach(parent):
+        with tracing.attach(_trace_parent(http)):
+            try:
+                choices = Choices(spec, await self._echo_text(spec, rid))
+            except PdserveError as exc:
+                return _error_response(exc)
             watch = readers.watch("HTTP request")
             try:
                 responses = self.router.generate(pb, self.timeout_s, watch).__aiter__()
                 try:
                     first = await responses.__anext__()  # errors before any output keep their HTTP status
                 except PdserveError as exc:
-                    return _error_response(exc)
+                    return _error_response(_in_body_terms(exc, spec))
                 except StopAsyncIteration:
                     return _error_response(UnavailableError("the request ended without an answer", request_id=rid))
                 stream = _chain(first, responses)
-                if body.get("stream"):
-                    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                    return await _sse(http, stream, meta, chat, include_usage, watch)
-                return await _whole(stream, meta, chat)
+                if spec.stream:
+                    return await _sse(http, stream, meta, choices, watch)
+                return await _whole(stream, meta, choices)
             finally:
                 readers.release(watch)
+
+    async def _echo_text(self, spec: OpenAIRequest, request_id: str) -> str | None:
+        """The prompt's text for echo: as given, or a worker's detokenization of the given ids."""
+        if not spec.echo or spec.prompt_token_ids is None:
+            return spec.prompt_text if spec.echo else None
+        request = tokenize_pb2.DetokenizeRequest(request_id=request_id, token_ids=spec.prompt_token_ids)
+        try:
+            return (await self.router.tokenization.detokenize(request, self.timeout_s)).text
+        except InvalidRequestError as exc:
+            raise _renamed(exc, "token_ids", "prompt") from None
 
     async def _tokenize(self, http: web.Request) -> web.Response:
         try:
@@ -192,36 +205,6 @@ class OpenAIServer:
         if model not in (None, "", self.model_name):
             raise NotFoundError(f"model: {model!r} is not served here (GET /v1/models lists {self.model_name!r})")
 
-    def _request_pb(self, body: dict, chat: bool, request_id: str):
-        model = body.get("model")
-        if model not in (None, "", self.model_name):
-            raise NotFoundError(f"model: {model!r} is not served here (GET /v1/models lists {self.model_name!r})")
-        for name in _UNSUPPORTED:
-            if body.get(name) not in (None, False, 0, {}, [], ""):
-                raise InvalidRequestError(name, "is not supported by pdserve's HTTP API")
-        if body.get("n", 1) != 1:
-            raise InvalidRequestError("n", "only n = 1 is supported")
-        sampling: dict[str, Any] = {name: body.get(name) for name in _SAMPLING}
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        sampling["max_tokens"] = 16 if max_tokens is None and not chat else max_tokens  # OpenAI's default
-        sampling["stop"] = body.get("stop")
-        prompt = messages = token_ids = None
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
-            messages = [_message(m, i) for i, m in enumerate(messages)]
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]  # a batch of one
-            if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                prompt, token_ids = None, prompt
-            elif not isinstance(prompt, str):
-                raise InvalidRequestError("prompt", "must be a string or a list of token ids (one prompt)")
-        return request_pb(prompt=prompt, messages=messages, prompt_token_ids=token_ids, sampling=sampling,
-                          request_id=request_id)
-
 
 @web.middleware
 async def _request_id(request: web.Request, handler) -> web.StreamResponse:
@@ -249,52 +232,50 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
-async def _whole(stream: AsyncIterator, meta: dict, chat: bool) -> web.Response:
-    text: list[str] = []
-    result = None
+async def _whole(stream: AsyncIterator, meta: dict, choices: Choices) -> web.Response:
     try:
         async for pb in stream:
             if pb.WhichOneof("kind") == "delta":
-                text.append(delta_from_pb(pb.delta).text)
+                choices.add_delta(delta_from_pb(pb.delta))
             else:
-                result = result_from_pb(pb.result)
+                choices.add_result(result_from_pb(pb.result))
     except PdserveError as exc:
-        return _error_response(exc)
-    if result is None:
-        return _error_response(UnavailableError("the decode worker's stream ended without a result"))
-    content = "".join(text)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
-              else {"index": 0, "text": content, "logprobs": None})
-    choice["finish_reason"] = result.finish_reason
-    body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-            "usage": _usage(result)}
+        return _error_response(_in_body_terms(exc, choices.request))
+    if not choices.complete:
+        return _error_response(UnavailableError("the decode worker's stream ended without a result for each choice"))
+    chat = choices.request.chat
+    body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices.whole(),
+            "usage": choices.usage()}
     return web.json_response(body)
 
 
-async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, chat: bool, include_usage: bool,
-               watch: Watch):
+async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, choices: Choices, watch: Watch):
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(http)
+    chat = choices.request.chat
 
     async def send(payload: dict) -> None:
         watch.sending()  # blocks while the client does not read (see pdserve.server.streams)
         await resp.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
         watch.sent()
 
+    async def send_pieces(pieces: list[Piece]) -> None:
+        for piece in pieces:
+            if piece.worth_sending():
+                await send({**meta, "choices": [_chunk_choice(chat, piece)]})
+
     if chat:
-        await send({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]})
+        for index in range(choices.request.n):
+            await send({**meta, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
     try:
         async for pb in stream:
             if pb.WhichOneof("kind") == "delta":
-                text = delta_from_pb(pb.delta).text
-                if text:
-                    await send({**meta, "choices": [_chunk_choice(chat, text, None)]})
-                continue
-            result = result_from_pb(pb.result)
-            await send({**meta, "choices": [_chunk_choice(chat, "", result.finish_reason)]})
-            if include_usage:
-                await send({**meta, "choices": [], "usage": _usage(result)})
+                await send_pieces(choices.add_delta(delta_from_pb(pb.delta)))
+            else:
+                await send_pieces(choices.add_result(result_from_pb(pb.result)))
+        if choices.request.include_usage and choices.complete:
+            await send({**meta, "choices": [], "usage": choices.usage()})
     except PdserveError as exc:
         await send(_error_body(exc))
     await resp.write(b"data: [DONE]\n\n")
@@ -302,16 +283,12 @@ async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, chat: bool,
     return resp
 
 
-def _chunk_choice(chat: bool, text: str, finish_reason: str | None) -> dict:
+def _chunk_choice(chat: bool, piece: Piece) -> dict:
     if chat:
-        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _usage(result) -> dict:
-    u = result.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+        return {"index": piece.index, "delta": {"content": piece.text} if piece.text else {},
+                "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+    return {"index": piece.index, "text": piece.text, "logprobs": piece.logprobs,
+            "finish_reason": piece.finish_reason}
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -355,7 +332,7 @@ def _tokenize_pb(body: dict, request_id: str) -> tokenize_pb2.TokenizeRequest:
     for name in _TOKENIZE_UNSUPPORTED:
         if body.get(name) not in (None, False, {}, [], ""):
             raise InvalidRequestError(name, "is not supported by pdserve's /tokenize")
-    pb = tokenize_pb2.TokenizeRequest(request_id=request_id, return_token_strs=bool(_flag(body, "return_token_strs")))
+    pb = tokenize_pb2.TokenizeRequest(request_id=request_id, return_token_strs=bool(flag(body, "return_token_strs")))
     prompt, messages = body.get("prompt"), body.get("messages")
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("prompt", "give exactly one of prompt (a string) and messages")
@@ -368,9 +345,9 @@ def _tokenize_pb(body: dict, request_id: str) -> tokenize_pb2.TokenizeRequest:
             raise InvalidRequestError("messages", "must be a list of {role, content}")
         pb.messages.SetInParent()
         for i, m in enumerate(messages):
-            pb.messages.messages.add(**_message(m, i))
+            pb.messages.messages.add(**message(m, i))
     for name in ("add_special_tokens", "add_generation_prompt"):
-        value = _flag(body, name)
+        value = flag(body, name)
         if value is not None:
             setattr(pb, name, value)  # set, even to false: absent means generation's rule
     return pb
@@ -386,11 +363,13 @@ def _detokenize_pb(body: dict, request_id: str) -> tokenize_pb2.DetokenizeReques
     return tokenize_pb2.DetokenizeRequest(request_id=request_id, token_ids=tokens)
 
 
-def _flag(body: dict, name: str) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidRequestError(name, f"must be true or false, got {value!r}")
-    return value
+def _in_body_terms(exc: PdserveError, spec: OpenAIRequest) -> PdserveError:
+    """A worker's error naming a proto field, renamed to the body's field it came from."""
+    if not isinstance(exc, InvalidRequestError):
+        return exc
+    proto_field = exc.field.partition("[")[0]
+    body_field = spec.body_field(proto_field)
+    return exc if body_field is None else _renamed(exc, proto_field, body_field)
 
 
 def _renamed(exc: InvalidRequestError, proto_field: str, json_field: str) -> InvalidRequestError:
@@ -399,16 +378,3 @@ def _renamed(exc: InvalidRequestError, proto_field: str, json_field: str) -> Inv
         return exc
     message = str(exc).partition(f"{exc.field}: ")[2]
     return InvalidRequestError(json_field + exc.field[len(proto_field):], message, request_id=exc.request_id)
-
-
-def _message(m: Any, index: int) -> dict[str, str]:
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-        raise InvalidRequestError(f"messages[{index}]", "must be an object with a role and a content")
-    content = m.get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise InvalidRequestError(f"messages[{index}].content", "only text parts are supported")
-        content = "".join(p.get("text", "") for p in content)
-    if not isinstance(content, str):
-        raise InvalidRequestError(f"messages[{index}].content", "must be a string")
-    return {"role": m["role"], "content": content}
