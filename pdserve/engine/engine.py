@@ -15,6 +15,7 @@ copying the partly filled last one; each then decodes, and finishes, on its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -35,12 +36,15 @@ from pdserve.engine.sampling import SampleOutput, SamplingRow, TokenLogprobs, sa
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 
 # Receives KV computed for export: (request_id, layer, start position, k, v), k/v [Hkv, T, D]
 # with each head's rows contiguous, possibly views of the cache itself: valid only during
 # the call (copy what is kept). Called on the engine thread, layer by layer, while later
 # layers compute.
+log = logging.getLogger(__name__)
+
 KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -90,6 +94,7 @@ class LLMEngine:
         capacity = config.cache.num_cached_logits if config.cache.enable_prefix_caching else 0
         self.logits_cache = PromptLogitsCache(capacity)
         self.outputs = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size, spec.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}  # by seq_id
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._pending: list[RequestOutput] = []
@@ -303,8 +308,9 @@ class LLMEngine:
 
     def _sample_first_tokens(self, parent: Sequence, logits: torch.Tensor) -> list[tuple[int, TokenLogprobs | None]]:
         """The first tokens of samples 1..n-1, drawn from the [V] logits parent's first token came from."""
+        # Parent's grammar has not taken its first token yet: its mask is every sample's.
         rows = [SamplingRow(parent.params, parent.num_tokens, parent.prompt_token_ids, (),
-                            sample_seed(parent.seed, index)) for index in range(1, parent.params.n)]
+                            sample_seed(parent.seed, index), parent.grammar) for index in range(1, parent.params.n)]
         samples = self.runner.sampler(logits.unsqueeze(0).repeat(len(rows), 1), rows)
         return list(zip(samples.token_ids, samples.logprobs))
 
@@ -317,6 +323,8 @@ class LLMEngine:
             child = Sequence(parent.request_id, parent.prompt_token_ids, parent.params,
                              sample_seed(parent.seed, index), index=index)
             child.arrival_time, child.first_scheduled_time = parent.arrival_time, parent.first_scheduled_time
+            if parent.params.structured_output is not None:
+                child.grammar = self.grammars.matcher(parent.params.structured_output)
             self._track(child)
             # A sample that ends at its first token needs no KV.
             copy = self.kv.fork(parent, child) if parent.params.max_tokens > 1 else None
@@ -339,6 +347,14 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         text, finished = self.outputs.on_token(seq, token_id)
+        if seq.grammar is not None and finished is None:
+            if not seq.grammar.consume(token_id):  # the mask allowed it: a token from elsewhere, or a bug
+                log.error("request %s: token %d breaks its structured output (%s); aborting it", seq.request_id,
+                          token_id, seq.grammar.error)
+                finished = SequenceStatus.FINISHED_ABORTED
+            elif seq.grammar.is_finished:  # complete: only EOS could follow
+                text += self.outputs.flush(seq)
+                finished = SequenceStatus.FINISHED_STOPPED
         lp = [logprobs] if seq.params.logprobs is not None else None
         if finished is not None:
             self._finish(seq, finished, text, [token_id], lp)
@@ -384,7 +400,13 @@ class LLMEngine:
         if output:
             self._validate_resumed(output, params, request_id)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Sequence(request_id, list(prompt), params, seed, output)
+        seq = Sequence(request_id, list(prompt), params, seed, output)
+        if params.structured_output is not None:
+            seq.grammar = self.grammars.matcher(params.structured_output)
+            if output and not all(seq.grammar.consume(t) for t in output):
+                raise InvalidRequestError("generated_token_ids", "do not follow the structured output",
+                                          request_id=request_id)
+        return seq
 
     def _validate_resumed(self, output: list[int], params: SamplingParams, request_id: str) -> None:
         """Tokens generated elsewhere (a resumed request): real token ids, and room for one more."""

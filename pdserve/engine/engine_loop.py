@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -63,6 +63,7 @@ class EngineLoop:
         engine.kv_export_sink = self._export_kv
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._failed: BaseException | None = None
+        self._compiler = ThreadPoolExecutor(2, thread_name_prefix="pdserve-grammar")
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -71,6 +72,7 @@ class EngineLoop:
     def stop(self, timeout: float | None = 10.0) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     # -- commands (any thread) ---------------------------------------------------
 
@@ -139,6 +141,17 @@ class EngineLoop:
         """InvalidRequestError/CapacityError for a prompt this engine can never serve; any thread
         (it reads only the model's and the cache's sizes)."""
         self.engine.validate_prompt(prompt_token_ids, params, request_id=request_id)
+
+    def compile_grammar(self, params: SamplingParams) -> Future[None]:
+        """Compile the request's structured output (if any) into the engine's grammar cache, on a
+        compile thread: a heavy schema never holds the engine thread. The future raises
+        InvalidRequestError for a spec that does not compile; the caller bounds the wait."""
+        spec = params.structured_output
+        if spec is None:
+            future: Future[None] = Future()
+            future.set_result(None)
+            return future
+        return self._compiler.submit(self.engine.grammars.compile, spec)
 
     def refresh_snapshot(self) -> Future[EngineSnapshot]:
         """`snapshot` as of every command queued before this one."""

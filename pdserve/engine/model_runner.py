@@ -142,6 +142,7 @@ class ModelRunner:
             prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
             seed=seq.seed,
+            grammar=seq.grammar,
         )
 
 

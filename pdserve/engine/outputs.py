@@ -58,6 +58,10 @@ class OutputProcessor:
     def remove(self, seq_id: str) -> None:
         self._detok.pop(seq_id, None)
 
+    def flush(self, seq: Sequence) -> str:
+        """The text held back so far (an incomplete character's tokens), for a sequence that ends here."""
+        return self._detok[seq.seq_id].flush()
+
     def on_token(self, seq: Sequence, token_id: int) -> tuple[str, SequenceStatus | None]:
         """Text delta for a newly appended token, and the finished state it causes, if any."""
         params = seq.params

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.structured_output import GrammarMatcher, TokenMasks
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 # Top-k / top-p sets are looked for among at most this many best tokens of a row,
@@ -41,6 +42,8 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     # The effective seed: params.seed, or one the engine drew at submission.
     seed: int
+    # With params.structured_output: where the sequence is in its grammar (the row's mask).
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass(slots=True)
@@ -103,10 +106,15 @@ class Sampler:
     the exponentials made from `draw_uniforms(seed, position, V)`, done in log space
     as a Gumbel-max over the filtered logits.
 
+    Rows with a grammar then lose the tokens it forbids (-inf), before anything picks.
     Logprobs, when a row asks for them, are the log_softmax of the logits after the
-    penalties and before temperature, top-k, top-p and min-p: they describe the
-    model's (penalised) distribution, not the filtered one the token was drawn from.
+    bias, penalties and grammar and before temperature, top-k, top-p and min-p: they
+    describe the model's (penalised, constrained) distribution, not the filtered one
+    the token was drawn from.
     """
+
+    def __init__(self) -> None:
+        self.masks = TokenMasks()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
         """logits: [B, V] in any float dtype, one row per entry of `rows`."""
@@ -114,8 +122,9 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
         penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
         biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
-        # Biases and penalties write in place: copy then, so the caller's float32 logits stay intact.
-        logits = logits.to(torch.float32, copy=bool(penalised or biased))  # [B, V]
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        # Biases, penalties and masks write in place: copy then, so the caller's float32 logits stay intact.
+        logits = logits.to(torch.float32, copy=bool(penalised or biased or constrained))  # [B, V]
         for i in biased:
             ids, values = zip(*rows[i].params.logit_bias)
             logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(values, device=logits.device)
@@ -123,6 +132,7 @@ class Sampler:
             apply_penalties(logits[i], rows[i])
             # Extreme penalties overflow float32: +inf would make the filters' sums inf - inf.
             logits[i].nan_to_num_(nan=-math.inf, posinf=_FLOAT32_MAX, neginf=-math.inf)
+        self.masks.apply(logits, constrained)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(random_rows) < len(rows):
             token_ids = logits.max(dim=-1).indices  # [B]; random rows are overwritten below

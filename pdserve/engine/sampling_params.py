@@ -18,8 +18,53 @@ MAX_SEED = 2**63
 MAX_N = 128  # OpenAI's limit on samples per request
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_LOGIT_BIAS = 100.0
+MAX_STRUCTURED_OUTPUT_CHARS = 256 * 1024  # a schema, regex or grammar; the choices together
+MAX_CHOICES = 1024
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 # Below this temperature, logits / temperature can overflow float32; such rows are greedy.
 MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match: exactly one of a JSON Schema (JSON text), any JSON object, a
+    regular expression, a grammar (Lark or GBNF) or one of a list of strings. Whether the spec
+    compiles is `structured_output.GrammarCompiler`'s to say (it needs the tokenizer)."""
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False, ())]
+        if len(given) != 1:
+            raise InvalidRequestError("structured_output", f"give exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
+                                      f" (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        if kind == "choice":
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if len(self.choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice):
+                raise InvalidRequestError(self.field, f"at most {MAX_CHOICES} non-empty strings")
+        elif kind != "json_object" and not isinstance(getattr(self, kind), str):
+            raise InvalidRequestError(self.field, "must be a string")
+        if self.num_chars > MAX_STRUCTURED_OUTPUT_CHARS:
+            raise InvalidRequestError(self.field, f"{self.num_chars} characters, more than "
+                                      f"{MAX_STRUCTURED_OUTPUT_CHARS}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False, ()))
+
+    @property
+    def field(self) -> str:
+        """The request field an error about it names."""
+        return f"structured_output.{self.kind}"
+
+    @property
+    def num_chars(self) -> int:
+        return sum(map(len, self.choice)) + len(self.json_schema or self.regex or self.grammar or "")
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -72,6 +117,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Independent samples of the same prompt: one prefill, n decodes sharing its KV blocks.
     n: int = 1
+    # Constrain the output (JSON schema, regex, grammar, choices); None: unconstrained.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -89,6 +136,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", _validated_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _validated_stop_token_ids(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _validated_logit_bias(self.logit_bias))
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise InvalidRequestError("structured_output", f"must be a StructuredOutput, got "
+                                      f"{type(self.structured_output).__name__}")
 
     def _validate_floats(self) -> None:
         # (name, lowest, highest, whether the lowest value itself is allowed)

@@ -14,6 +14,7 @@ import time
 
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.structured_output import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -68,6 +69,8 @@ class Sequence:
         # Chained hashes of the leading full, computed blocks (prefix-cache keys).
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
+        # params.structured_output: where the output is in its grammar (follows every token taken).
+        self.grammar: GrammarMatcher | None = None
         # params.prompt_logprobs: one entry per prompt token computed so far (None for the first).
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else [None]
         # Prefill-worker requests: stream this sequence's KV out as it is computed.

@@ -10,7 +10,7 @@ from pdserve.engine.model_loader import Fingerprint
 from pdserve.engine.models.spec import ModelSpec
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling import TokenLogprobs
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
 from pdserve.errors import InvalidRequestError
 from pdserve.preprocess import ChatMessage, Preprocessor
 from pdserve.v1 import common_pb2, tokenize_pb2
@@ -35,7 +35,20 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
     kwargs["stop"] = tuple(pb.stop)
     kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
     kwargs["logit_bias"] = tuple(pb.logit_bias.items())
+    if pb.HasField("structured_output"):
+        kwargs["structured_output"] = structured_output_from_pb(pb.structured_output)
     return SamplingParams(**kwargs)
+
+
+def structured_output_from_pb(pb: common_pb2.StructuredOutput) -> StructuredOutput:
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("structured_output", "set one of json_schema, json_object, regex, grammar, choice")
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(pb.choice.choices))
+    if kind == "json_object" and not pb.json_object:
+        raise InvalidRequestError("structured_output.json_object", "must be true when set")
+    return StructuredOutput(**{kind: getattr(pb, kind)})
 
 
 def prompt_ids_from_pb(request: common_pb2.GenerateRequest, pre: Preprocessor) -> list[int]:

@@ -25,7 +25,8 @@ from pdserve.args import add_engine_args
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.errors import PdserveError
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.kv_transfer.codec import fingerprint_str
 from pdserve.kv_transfer.protocol import KVGeometry
 from pdserve.observability.metrics import Metrics, WorkerState
@@ -59,6 +60,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_kv_gib: float) -> None:
     tls.add_args(p)
     p.add_argument("--engine-nice", type=int, default=10,
                    help="OS priority of the compute threads below the I/O thread (0: equal)")
+    p.add_argument("--grammar-compile-timeout-s", type=float, default=GRAMMAR_COMPILE_TIMEOUT_S,
+                   help="refuse a structured output (schema, regex, grammar) that takes longer to compile")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -72,6 +75,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+
+
 def role_name(role: int) -> str:
     """"prefill" or "decode" for a WorkerRole value."""
     return common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
@@ -81,8 +87,10 @@ class Worker:
     """The engine thread and everything a servicer needs to know about this worker."""
 
     def __init__(self, role: int, engine: LLMEngine, worker_id: str | None = None, engine_nice: int = 0,
-                 metrics: Metrics | None = None, version: str = "", preprocess_config: str | None = None) -> None:
+                 metrics: Metrics | None = None, version: str = "", preprocess_config: str | None = None,
+                 grammar_compile_timeout_s: float = GRAMMAR_COMPILE_TIMEOUT_S) -> None:
         self.role = role
+        self.grammar_compile_timeout_s = grammar_compile_timeout_s
         self.role_name = role_name(role)
         self.engine = engine
         self.version = version
@@ -139,6 +147,19 @@ class Worker:
             kv_fragmentation=s.kv_fragmentation, prefix_cache_hit_rate=s.kv.prefix_hit_rate,
             preprocess_cache_hit_rate=self.preprocessor.cache.hit_rate, batch_fill_rate=s.batch_fill_rate,
             num_running=s.num_running, num_waiting=s.num_waiting)
+
+    async def compile_grammar(self, params: SamplingParams, request_id: str) -> None:
+        """Have the request's structured output compiled (EngineLoop.compile_grammar) before it is
+        submitted; InvalidRequestError if it does not compile, or not within the deadline."""
+        if params.structured_output is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.loop.compile_grammar(params)),
+                                   self.grammar_compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise InvalidRequestError(params.structured_output.field, f"did not compile within "
+                                      f"{self.grammar_compile_timeout_s:g} s (--grammar-compile-timeout-s)",
+                                      request_id=request_id) from None
 
     async def stats_response(self) -> common_pb2.StatsResponse:
         # Exact, after every command queued before it (tests and `pdserve top` read it): it waits
@@ -225,7 +246,7 @@ def run_worker(args: argparse.Namespace, role: int, service_name: str,
         daemon.configure_tls(tls.TlsFiles.from_args(args))
         metrics = observe.start(name, args)
         worker = Worker(role, LLMEngine(engine_config(args)), args.worker_id, args.engine_nice, metrics,
-                        args.version, args.preprocess_config)
+                        args.version, args.preprocess_config, args.grammar_compile_timeout_s)
         # What loading made (modules, tokenizer tables) lives as long as the process: out of the
         # collector's sight, so that its full collections, which stall the I/O thread, stay short.
         gc.collect()

@@ -135,6 +135,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidRequestError("request_id", f"{rid!r} is already running on this worker")
             self._active[rid] = end_with
             params = wire.sampling_from_pb(request.request.sampling_params)
+            await w.compile_grammar(params, rid)
             generated = list(request.generated_token_ids)
             remote, prompt = False, None
             if request.prefill_candidates and not generated:

@@ -108,6 +108,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         w = self.worker
         try:
             params, prompt = self._preprocess(rid, request)
+            await w.compile_grammar(params, rid)
             if rid in self._running:  # one id, one prefill: a duplicate never touches the running one
                 raise InvalidRequestError("request_id", f"{rid!r} is already being prefilled on this worker")
         except PdserveError as exc:
