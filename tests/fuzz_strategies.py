@@ -140,7 +140,40 @@ VALID = {
     "seed": st.one_of(st.sampled_from([0, 2**63 - 1]), st.integers(0, 2**63 - 1)),
     "ignore_eos": st.booleans(),
     "logprobs": st.sampled_from([0, 1, 5, 20]),
+    "n": st.sampled_from([1, 2, 3]),
+    "prompt_logprobs": st.sampled_from([0, 2, 20]),
 }
+# Specs that compile, of every kind, and ones that do not (or are not even JSON).
+SCHEMAS = ['{"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}, "required": ["a"]}',
+           '{"enum": ["x", "y"]}', '{"type": "array", "items": {"type": "boolean"}, "maxItems": 2}',
+           '{"type": "foo"}', '{"$ref": "#/$defs/none"}', "{", "[]", "null"]
+REGEXES = ["[ab]{1,3}", r"\d{2}", "x|yz", "(", "[z-a]", "a{99999999}", ".*"]
+GRAMMARS = ['start: "a" | "b"', 'root ::= "x" [0-9]', "start: undefined_rule", "::=", ""]
+
+
+def structured_outputs(valid: bool):
+    choices = st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=4)
+    kinds = [st.builds(lambda t: common_pb2.StructuredOutput(json_schema=t), st.sampled_from(SCHEMAS[:3])),
+             st.just(common_pb2.StructuredOutput(json_object=True)),
+             st.builds(lambda t: common_pb2.StructuredOutput(regex=t), st.sampled_from(REGEXES[:3])),
+             st.builds(lambda t: common_pb2.StructuredOutput(grammar=t), st.sampled_from(GRAMMARS[:2])),
+             st.builds(lambda c: common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=c)), choices)]
+    if not valid:
+        kinds += [st.builds(lambda t: common_pb2.StructuredOutput(json_schema=t), st.one_of(st.sampled_from(SCHEMAS),
+                                                                                          texts)),
+                  st.builds(lambda t: common_pb2.StructuredOutput(regex=t), st.one_of(st.sampled_from(REGEXES), texts)),
+                  st.builds(lambda t: common_pb2.StructuredOutput(grammar=t), st.one_of(st.sampled_from(GRAMMARS),
+                                                                                      texts)),
+                  st.builds(lambda c: common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=c)),
+                            st.lists(texts, max_size=3)),
+                  st.just(common_pb2.StructuredOutput()), st.just(common_pb2.StructuredOutput(json_object=False))]
+    return st.one_of(*kinds)
+
+
+def logit_biases(vocab: int, valid: bool):
+    if valid:
+        return st.dictionaries(st.integers(0, vocab - 1), st.floats(-100, 100), max_size=4)
+    return st.dictionaries(token_ids(vocab), floats, max_size=4)
 
 
 @st.composite
@@ -149,17 +182,23 @@ def sampling_params(draw, vocab: int, valid: bool = False) -> common_pb2.Samplin
         fields = draw(st.fixed_dictionaries({}, optional=VALID))
         stops = st.lists(st.one_of(st.text(min_size=1, max_size=8), st.sampled_from(["e", " t", "a" * 256, "\n"])),
                          max_size=16)
-        return common_pb2.SamplingParams(**fields, stop=draw(stops),
-                                         stop_token_ids=draw(st.lists(st.integers(0, vocab - 1), max_size=8)))
+        return common_pb2.SamplingParams(
+            **fields, stop=draw(stops), stop_token_ids=draw(st.lists(st.integers(0, vocab - 1), max_size=8)),
+            logit_bias=draw(logit_biases(vocab, valid=True)),
+            structured_output=draw(st.one_of(st.none(), structured_outputs(valid=True))))
     optional = {"max_tokens": max_tokens, "temperature": floats, "top_p": floats, "top_k": u32, "min_p": floats,
                 "repetition_penalty": floats, "presence_penalty": floats, "frequency_penalty": floats,
-                "seed": u64, "ignore_eos": st.booleans(), "logprobs": st.one_of(st.integers(0, 21), u32)}
+                "seed": u64, "ignore_eos": st.booleans(), "logprobs": st.one_of(st.integers(0, 21), u32),
+                "n": st.one_of(st.integers(0, 4), st.sampled_from([128, 129]), u32),
+                "prompt_logprobs": st.one_of(st.integers(0, 21), u32)}
     fields = draw(st.fixed_dictionaries({}, optional=optional))
     stops = st.one_of(st.lists(texts, max_size=20), st.builds(lambda n: ["x"] * n, st.sampled_from([16, 17, 5000])),
                       st.lists(st.sampled_from(["a" * 256, "a" * 257, "", "e", " t"]), max_size=3))
     stop_ids = st.one_of(st.lists(token_ids(vocab), max_size=8), st.builds(lambda n: list(range(n)),
                                                                            st.sampled_from([64, 5000])))
-    return common_pb2.SamplingParams(**fields, stop=draw(stops), stop_token_ids=draw(stop_ids))
+    return common_pb2.SamplingParams(**fields, stop=draw(stops), stop_token_ids=draw(stop_ids),
+                                     logit_bias=draw(logit_biases(vocab, valid=False)),
+                                     structured_output=draw(st.one_of(st.none(), structured_outputs(valid=False))))
 
 
 ROLES = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "", "USER", "bot", "user\x00"]), texts)
@@ -479,31 +518,42 @@ def check_generate_stream(responses: list[bytes], request, vocab: int) -> list[s
     if any(m is None for m in msgs):
         return ["a response does not parse"]
     kinds = [m.WhichOneof("kind") for m in msgs]
-    if kinds.count("result") != 1 or kinds[-1] != "result" or None in kinds:
-        return [f"stream kinds {kinds[:5]}...{kinds[-3:]}: want deltas then exactly one result"]
+    sp = gen.sampling_params
+    n = sp.n if sp.HasField("n") else 1
+    if kinds.count("result") != n or kinds[-1] != "result" or None in kinds:
+        return [f"stream kinds {kinds[:5]}...{kinds[-3:]}: want deltas then one result per sample (n = {n})"]
     problems = []
-    index = len(generated)
-    for m in msgs[:-1]:
+    sent = [len(generated)] * n  # completion tokens per sample
+    ended: set[int] = set()
+    for m in msgs:
+        if m.WhichOneof("kind") == "result":
+            result = m.result
+            if result.index >= n or result.index in ended:
+                problems.append(f"result for sample {result.index} (n = {n}), or twice")
+                break
+            ended.add(result.index)
+            if result.usage.completion_tokens != sent[result.index]:
+                problems.append(f"sample {result.index}: usage.completion_tokens {result.usage.completion_tokens} != "
+                                f"resumed {len(generated)} + streamed {sent[result.index] - len(generated)}")
+            if result.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+                problems.append("finish_reason UNSPECIFIED")
+            if sp.HasField("max_tokens") and sent[result.index] > max(sp.max_tokens, len(generated)):
+                problems.append(f"{sent[result.index]} completion tokens > max_tokens {sp.max_tokens}")
+            if gen.request_id and result.request_id != gen.request_id:
+                problems.append(f"result.request_id {result.request_id!r} != {gen.request_id!r}")
+            continue
         d = m.delta
-        if d.completion_index != index:
-            problems.append(f"delta completion_index {d.completion_index}, expected {index}")
+        if d.index >= n or d.index in ended:
+            problems.append(f"delta for sample {d.index} (n = {n}) after its result, or out of range")
+            break
+        if d.completion_index != sent[d.index]:
+            problems.append(f"delta completion_index {d.completion_index}, expected {sent[d.index]}")
             break
         if any(t >= vocab for t in d.token_ids):
             problems.append(f"delta token id out of vocab: {list(d.token_ids)}")
         if d.logprobs and len(d.logprobs) != len(d.token_ids):
             problems.append("delta logprobs do not match its token ids")
-        index += len(d.token_ids)
-    result = msgs[-1].result
-    if result.usage.completion_tokens != index:
-        problems.append(f"usage.completion_tokens {result.usage.completion_tokens} != resumed {len(generated)} "
-                        f"+ streamed {index - len(generated)}")
-    if result.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
-        problems.append("finish_reason UNSPECIFIED")
-    sp = gen.sampling_params
-    if sp.HasField("max_tokens") and index > max(sp.max_tokens, len(generated)):
-        problems.append(f"{index} completion tokens > max_tokens {sp.max_tokens}")
-    if gen.request_id and result.request_id != gen.request_id:
-        problems.append(f"result.request_id {result.request_id!r} != {gen.request_id!r}")
+        sent[d.index] += len(d.token_ids)
     return problems
 
 
@@ -534,8 +584,8 @@ def check_prefill_stream(responses: list[bytes], num_skipped: int, vocab: int) -
         problems.append("a chunk carries skipped tokens")
     if any(c.checksum != xxhash.xxh3_64_intdigest(c.k_bytes + c.v_bytes) for c in chunks):
         problems.append("a chunk's checksum does not match its payload")
-    if first.token_id >= vocab:
-        problems.append(f"first token {first.token_id} out of vocab")
+    if first.token_id >= vocab or any(t.token_id >= vocab for t in first.more_samples):
+        problems.append(f"first token {first.token_id} (or another sample's) out of vocab")
     return problems
 
 
