@@ -153,29 +153,43 @@ def _short(message: str, limit: int = 300) -> str:
 class TokenMasks:
     """Applies the grammars of a batch's constrained rows to its logits (see the module docstring).
 
-    The masks are filled one row after another: on 2 cores llguidance's thread pool measured
-    slower than that (bench/grammar_backends.py).
+    The masks are filled one row after another (on 2 cores llguidance's thread pool measured
+    slower than that, bench/grammar_backends.py), then applied in place by the compiled op
+    `pdserve::apply_token_bitmask_` (csrc/token_mask.cpp) on CPU float32 logits, or by
+    `apply_token_bitmask_reference` elsewhere.
     """
 
     def __init__(self) -> None:
-        self._shifts: torch.Tensor | None = None
+        self._op: Any = None  # the compiled op, once looked up (False: not available)
 
     def apply(self, logits: torch.Tensor, rows: list[tuple[int, GrammarMatcher]]) -> None:
         """Set to -inf, in place, the [B, V] float logits of the tokens each (row, matcher) forbids."""
         if not rows:
             return
         fill = _llguidance().torch.fill_next_token_bitmask
-        vocab_size = logits.shape[1]
-        bitmask = torch.empty(len(rows), (vocab_size + 31) // 32, dtype=torch.int32)
+        bitmask = torch.empty(len(rows), (logits.shape[1] + 31) // 32, dtype=torch.int32)
         for i, (_, matcher) in enumerate(rows):
             fill(matcher._matcher, bitmask, i)
-        allowed = self._unpack(bitmask.to(logits.device), vocab_size)  # [r, V] bool
-        index = torch.tensor([row for row, _ in rows], device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        index = torch.tensor([row for row, _ in rows], dtype=torch.long)
+        op = self._compiled_op()
+        if op and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            op(logits, index, bitmask)
+        else:
+            apply_token_bitmask_reference(logits, index.to(logits.device), bitmask.to(logits.device))
 
-    def _unpack(self, bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """[r, W] int32 words, bit k of word w for token 32 w + k, as [r, V] bools."""
-        if self._shifts is None or self._shifts.device != bitmask.device:
-            self._shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1  # [r, W, 32]
-        return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    def _compiled_op(self) -> Any:
+        if self._op is None:
+            from pdserve.engine import kernels
+
+            self._op = kernels.load() is not None and torch.ops.pdserve.apply_token_bitmask_.default
+        return self._op
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits[rows[r], t] = -inf where bit t % 32 of bitmask[r, t // 32] is clear (and past the mask)."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1).bool()  # [R, 32 W]
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], vocab_size - allowed.shape[1])], dim=1)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))

@@ -154,3 +154,26 @@ def test_a_resumed_request_continues_its_grammar(engine):
         engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=10, structured_output=spec),
                            output_token_ids=tokenizer.encode("zz"))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("vocab", [70, 96, 512])
+def test_the_compiled_mask_op_equals_the_reference(vocab):
+    """Rows in any order, words all set, all clear and mixed, a vocabulary wider than the mask."""
+    import torch
+
+    from pdserve.engine import kernels
+    from pdserve.engine.structured_output import apply_token_bitmask_reference
+
+    if kernels.load() is None:
+        pytest.skip("the compiled ops are not built")
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g)
+    words = min(3, (vocab + 31) // 32)  # 70 tokens with a 2- or 3-word mask: the tail is forbidden
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, words), generator=g, dtype=torch.int32)
+    bitmask[0, 0], bitmask[1, -1] = -1, 0
+    rows = torch.tensor([4, 0, 2])
+    want, got = logits.clone(), logits.clone()
+    apply_token_bitmask_reference(want, rows, bitmask)
+    torch.ops.pdserve.apply_token_bitmask_(got, rows, bitmask)
+    assert torch.equal(got, want)
+    assert torch.equal(got[[1, 3]], logits[[1, 3]])  # rows without a grammar untouched
