@@ -52,6 +52,8 @@ def add_up_args(p: argparse.ArgumentParser, port: int = 50051) -> None:
     p.add_argument("--log", default=None, help="append the daemons' logs to this file")
     p.add_argument("--http-port", type=int, default=None,
                    help="the router also serves the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free one)")
+    p.add_argument("--tool-call-parser", choices=("hermes",), default=None,  # pdserve-router's, passed through
+                   help="the router reads tool calls in this format out of the output (HTTP tool_choice \"auto\")")
     p.add_argument("--api-key", action="append", default=[], help="clients must send this key (repeatable)")
     p.add_argument("--tls", action="store_true", help="mutual TLS everywhere, with a throwaway CA (printed)")
 
@@ -65,4 +67,6 @@ def cluster_spec(args: argparse.Namespace):
     return ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, model=args.model, dtype=args.dtype,
                        quantization=args.quantization, compile_max_batch=args.compile_max_batch,
                        device=args.device, router_listen=f"127.0.0.1:{args.port}", kv_cache_gib=args.kv_cache_gib,
-                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls)
+                       log_path=args.log, http_port=args.http_port, api_keys=tuple(args.api_key), tls=args.tls,
+                       extra_args={"router": ["--tool-call-parser", args.tool_call_parser]} if args.tool_call_parser
+                       else {})

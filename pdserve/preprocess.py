@@ -8,6 +8,11 @@ included, and `detokenize` its inverse. The version string names the behaviour:
 workers report it, and a cache entry made by another version is never used.
 Results are cached by input (LRU with a TTL), so a repeated system prompt or
 conversation is not templated and tokenized again.
+
+A conversation may come with tools (a JSON array, OpenAI's `tools`), which the chat template
+gets as `tools`; a template whose source never mentions `tools` would drop them silently, so it
+refuses them instead, unless the caller marks them optional (its output is constrained to a tool
+call anyway).
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
+import jinja2
 import xxhash
 
 from pdserve.errors import InvalidRequestError
 
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: renders a conversation's tools (a worker of 1 would drop them)
 # Longest prompt accepted before tokenizing, in characters: bounds the work a
 # single request can ask of the tokenizer (a 10 MB prompt is refused here).
 MAX_PROMPT_CHARS = 1_000_000
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# A chat template that takes tools reads the `tools` variable somewhere.
+_TAKES_TOOLS = re.compile(r"\btools\b")
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,12 @@ class Preprocessor:
         prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
         prompt_token_ids: Sequence[int] | None = None,
+        tools_json: str | None = None,
+        tools_optional: bool = False,
         request_id: str | None = None,
     ) -> list[int]:
+        """The prompt's token ids (see `token_ids`); `tools_json` (with messages): the tools as a JSON
+        array, rendered by the chat template (`tools_optional`: left out by a template that takes none)."""
         given = [name for name, value in
                  (("prompt", prompt), ("messages", messages), ("prompt_token_ids", prompt_token_ids))
                  if value is not None]
@@ -147,12 +159,14 @@ class Preprocessor:
             return list(prompt_token_ids)
         if prompt == "":
             raise InvalidRequestError("prompt", "is empty", request_id=request_id)
-        ids = self.token_ids(prompt=prompt, messages=messages, request_id=request_id)
+        ids = self.token_ids(prompt=prompt, messages=messages, tools_json=tools_json, tools_optional=tools_optional,
+                             request_id=request_id)
         if not ids:
             raise InvalidRequestError("prompt", "tokenizes to no tokens", request_id=request_id)
         return ids
 
     def token_ids(self, *, prompt: str | None = None, messages: Sequence[ChatMessage] | None = None,
+                  tools_json: str | None = None, tools_optional: bool = False,
                   add_special_tokens: bool | None = None, add_generation_prompt: bool = True,
                   request_id: str | None = None) -> list[int]:
         """The token ids of a prompt or a conversation, possibly none.
@@ -164,12 +178,15 @@ class Preprocessor:
         """
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("prompt", "give exactly one of prompt, messages", request_id=request_id)
+        if tools_json and messages is None:
+            raise InvalidRequestError("tools", "need messages (a chat template renders them)", request_id=request_id)
         as_generated = add_special_tokens is None and add_generation_prompt
-        key = (self.version, _digest(messages if messages is not None else prompt))
+        key = (self.version, _digest(messages if messages is not None else prompt, tools_json or "", tools_optional))
         ids = self.cache.get(key) if as_generated else None
         if ids is None:
             if messages is not None:
-                text = self.apply_chat_template(messages, request_id, add_generation_prompt=add_generation_prompt)
+                text = self.apply_chat_template(messages, request_id, add_generation_prompt=add_generation_prompt,
+                                                tools_json=tools_json, tools_optional=tools_optional)
                 special = bool(add_special_tokens)
             else:
                 self._check_text("prompt", prompt, request_id)
@@ -204,7 +221,8 @@ class Preprocessor:
         return self.tokenizer.convert_ids_to_tokens(list(token_ids))
 
     def apply_chat_template(self, messages: Sequence[ChatMessage], request_id: str | None = None, *,
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, tools_json: str | None = None,
+                            tools_optional: bool = False) -> str:
         if not messages:
             raise InvalidRequestError("messages", "is empty", request_id=request_id)
         for i, m in enumerate(messages):
@@ -216,9 +234,33 @@ class Preprocessor:
         if not template:
             raise InvalidRequestError("messages", "this model has no chat template; send a prompt",
                                       request_id=request_id)
+        tools = self._tools(tools_json, template, tools_optional, request_id)
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False, tools=tools,
+                                                      add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateSyntaxError:
+            raise  # the operator's template is broken: not the request's fault
+        except jinja2.TemplateError as exc:  # the template refused the input (raise_exception), or its tools' shape
+            raise InvalidRequestError("tools" if tools else "messages", f"the chat template refused them ({exc})",
+                                      request_id=request_id) from None
+
+    def _tools(self, tools_json: str | None, template: str, optional: bool, request_id: str | None) -> list | None:
+        """The tools the template gets: None without any, or when it takes none and they are optional."""
+        if not tools_json:
+            return None
+        self._check_text("tools", tools_json, request_id)
+        if not _TAKES_TOOLS.search(template):
+            if optional:
+                return None
+            raise InvalidRequestError("tools", "this model's chat template takes no tools", request_id=request_id)
+        try:
+            tools = json.loads(tools_json)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise InvalidRequestError("tools", f"is not valid JSON ({exc})", request_id=request_id) from None
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise InvalidRequestError("tools", "must be a JSON array of objects", request_id=request_id)
+        return tools or None
 
     def _check_ids(self, token_ids: Sequence[int], request_id: str | None) -> None:
         """Every id must be one this tokenizer decodes: decode() gives "" for the others, silently."""
@@ -238,19 +280,20 @@ class Preprocessor:
             raise InvalidRequestError(field, "is not valid UTF-8 (lone surrogate)", request_id=request_id)
 
 
-def _digest(value: str | Sequence[ChatMessage]) -> bytes:
-    """A 128-bit digest of a prompt or of a message list (unambiguous: lengths are hashed too)."""
+def _digest(value: str | Sequence[ChatMessage], tools_json: str = "", tools_optional: bool = False) -> bytes:
+    """A 128-bit digest of a prompt or of a message list with its tools (unambiguous: lengths are
+    hashed too)."""
     h = xxhash.xxh3_128()
     if isinstance(value, str):
         h.update(b"p")
         h.update(value.encode("utf-8", "surrogatepass"))
         return h.digest()
-    h.update(b"m")
-    for m in value:
-        for part in (m.role, m.content):
-            data = part.encode("utf-8", "surrogatepass")
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
+    h.update(b"m" + len(value).to_bytes(8, "little"))  # the count: where the tools begin is unambiguous
+    for part in (*(text for m in value for text in (m.role, m.content)), tools_json):
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    h.update(bytes([tools_optional]))
     return h.digest()
 
 

@@ -7,7 +7,7 @@ collection, aclose(), cancelling the task that reads it) cancels the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -164,9 +164,10 @@ class AsyncClient(GenerateCalls[AsyncGenerateStream]):
 
     async def tokenize(self, prompt: str | None = None, *, messages: Sequence[MessageLike] | None = None,
                        add_special_tokens: bool | None = None, add_generation_prompt: bool | None = None,
+                       tools: Sequence[Mapping[str, object]] | None = None,
                        timeout: float | None = None) -> list[int]:
         """As `Client.tokenize`."""
-        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt)
+        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt, tools)
         try:
             response = await self._target().Tokenize(request, timeout=deadline(timeout, self._timeout),
                                                      metadata=self._metadata)

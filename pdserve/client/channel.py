@@ -77,13 +77,14 @@ def generate_request(
     sampling: Mapping[str, object],
     request_id: str | None,
     version: str | None = None,
+    tools: Sequence[Mapping[str, object]] | None = None,
 ) -> Message:
     """The request message `service`'s Generate takes (`version`: pin a rollout version, A/B)."""
     if service == "decode" and request_id is None:
         # A decode daemon expects the router to have named the request.
         request_id = uuid.uuid4().hex
     request = request_pb(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids,
-                         sampling=sampling, request_id=request_id)
+                         sampling=sampling, request_id=request_id, tools=tools)
     request.version = version or ""
     return decode_request_pb(request) if service == "decode" else request
 
@@ -139,6 +140,8 @@ class GenerateCalls(Generic[StreamT]):
         n: int = 1,
         prompt_logprobs: int | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        structured_output: Mapping[str, object] | None = None,
+        tools: Sequence[Mapping[str, object]] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
         version: str | None = None,
@@ -155,6 +158,15 @@ class GenerateCalls(Generic[StreamT]):
         `prompt_logprobs`: the same for the prompt's tokens (sample 0's first Delta);
         `n`: independent samples, streamed interleaved (Delta.index), sample 0 being the
         n = 1 answer; `logit_bias`: {token id: value in [-100, 100]} added to the logits.
+
+        `structured_output` constrains the output to exactly one of {"json_schema": a dict or
+        its JSON text}, {"json_object": True}, {"regex": str}, {"grammar": Lark or GBNF text},
+        {"choice": [str, ...]}; JSON comes on one line, with ", " and ": " separators. A spec that
+        does not compile raises InvalidRequestError naming `structured_output.<kind>`.
+        `tools` (with messages): tool definitions (OpenAI's {"type": "function", "function":
+        {...}}) the chat template renders; a model whose template takes none refuses them
+        (InvalidRequestError naming `tools`). The answer is the model's text: reading tool calls
+        out of it is the caller's (or the HTTP API's).
         """
         require(self.service, GENERATE_SERVICES, "generate")
         sampling: Mapping[str, object] = dict(
@@ -162,10 +174,10 @@ class GenerateCalls(Generic[StreamT]):
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, n=n, prompt_logprobs=prompt_logprobs,
-            logit_bias=logit_bias)
+            logit_bias=logit_bias, structured_output=structured_output)
         request = generate_request(self.service, prompt=prompt, messages=messages,
                                    prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                   request_id=request_id, version=version)
+                                   request_id=request_id, version=version, tools=tools)
         stub = self._router if self.service == "router" else self._decode
         # The caller's trace (if any) continues in the daemons: W3C trace context in the metadata.
         call = stub.Generate(request, timeout=deadline(timeout, self._timeout),

@@ -7,7 +7,7 @@ every daemon the request reached aborts it and frees its KV blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -196,10 +196,10 @@ class Client(GenerateCalls[GenerateStream]):
 
     def tokenize(self, prompt: str | None = None, *, messages: Sequence[MessageLike] | None = None,
                  add_special_tokens: bool | None = None, add_generation_prompt: bool | None = None,
-                 timeout: float | None = None) -> list[int]:
+                 tools: Sequence[Mapping[str, object]] | None = None, timeout: float | None = None) -> list[int]:
         """The token ids a generate call with the same input gets (as many as its usage.prompt_tokens).
         The options are vLLM's /tokenize; None: as generation does. Any service answers."""
-        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt)
+        request = tokenize_request(prompt, messages, add_special_tokens, add_generation_prompt, tools)
         try:
             response = self._target().Tokenize(request, timeout=deadline(timeout, self._timeout),
                                                metadata=self._metadata)
@@ -223,11 +223,13 @@ class Client(GenerateCalls[GenerateStream]):
 
 
 def tokenize_request(prompt: str | None, messages: Sequence[MessageLike] | None, add_special_tokens: bool | None,
-                     add_generation_prompt: bool | None) -> tokenize_pb2.TokenizeRequest:
+                     add_generation_prompt: bool | None,
+                     tools: Sequence[Mapping[str, object]] | None = None) -> tokenize_pb2.TokenizeRequest:
     """The TokenizeRequest of `tokenize(...)`'s arguments; the input is checked and converted as generate's."""
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("prompt", "give exactly one of prompt, messages")
-    generate = request_pb(prompt=prompt, messages=messages, prompt_token_ids=None, sampling={}, request_id=None)
+    generate = request_pb(prompt=prompt, messages=messages, prompt_token_ids=None, sampling={}, request_id=None,
+                          tools=tools)
     request = tokenize_pb2.TokenizeRequest()
     if prompt is not None:
         request.prompt = generate.prompt

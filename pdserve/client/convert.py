@@ -8,6 +8,7 @@ Requests are built only by `request_pb` (and wrapped for a decode daemon by
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 
 from pdserve.client.types import (
@@ -50,6 +51,8 @@ _HEALTH: dict[int, WorkerHealth] = {
 }
 
 MessageLike = ChatMessage | Mapping[str, str]
+# `generate(structured_output=...)`: a mapping with exactly one of these keys (StructuredOutput's oneof).
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
 def request_pb(
@@ -59,17 +62,22 @@ def request_pb(
     prompt_token_ids: Sequence[int] | None,
     sampling: Mapping[str, object],
     request_id: str | None,
+    tools: Sequence[Mapping[str, object]] | None = None,
 ) -> common_pb2.GenerateRequest:
     """The GenerateRequest for `generate(...)`'s arguments.
 
     `sampling` maps SamplingParams field names to values; a None value leaves
     the field absent (how seed and logprobs say "off"), anything else is set
-    explicitly (`logit_bias`: a mapping of token id to bias). Values protobuf
-    rejects (a negative max_tokens, a str seed) raise InvalidRequestError naming
-    the field, as the server would.
+    explicitly (`logit_bias`: a mapping of token id to bias; `structured_output`:
+    a mapping with one of STRUCTURED_OUTPUT_KINDS). Values protobuf rejects (a
+    negative max_tokens, a str seed) raise InvalidRequestError naming the field,
+    as the server would. `tools` (with messages): JSON-serializable tool
+    definitions the chat template gets.
     """
     request = common_pb2.GenerateRequest(request_id=request_id or "")
     _set_input(request, prompt, messages, prompt_token_ids)
+    if tools:
+        _set_tools(request, tools)
     params = request.sampling_params
     params.SetInParent()  # present even if every value were None
     for name, value in sampling.items():
@@ -80,6 +88,8 @@ def request_pb(
                 getattr(params, name).extend([value] if isinstance(value, str) else value)
             elif name == "logit_bias":
                 _set_logit_bias(params, value)
+            elif name == "structured_output":
+                _set_structured_output(params.structured_output, value, request_id)
             else:
                 setattr(params, name, value)
         except (TypeError, ValueError) as exc:
@@ -226,6 +236,47 @@ def _role_and_content(message: MessageLike, index: int, request_id: str | None) 
     raise InvalidRequestError(
         f"messages[{index}]", "must be a ChatMessage or a dict with str 'role' and 'content'",
         request_id=request_id)
+
+
+def _set_tools(request: common_pb2.GenerateRequest, tools: Sequence[Mapping[str, object]]) -> None:
+    rid = request.request_id or None
+    if request.WhichOneof("input") != "messages":
+        raise InvalidRequestError("tools", "need messages (the chat template renders them)", request_id=rid)
+    if isinstance(tools, (str, bytes, Mapping)) or not all(isinstance(tool, Mapping) for tool in tools):
+        raise InvalidRequestError("tools", "must be a list of dicts", request_id=rid)
+    try:
+        request.messages.tools_json = json.dumps([dict(tool) for tool in tools], ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError("tools", f"must be JSON-serializable ({exc})", request_id=rid) from None
+
+
+def _set_structured_output(pb: common_pb2.StructuredOutput, value: object, request_id: str | None) -> None:
+    """`value`: {"json_schema": dict or JSON text} | {"json_object": True} | {"regex": str} | {"grammar": str}
+    | {"choice": [str, ...]}."""
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in STRUCTURED_OUTPUT_KINDS:
+        raise InvalidRequestError("structured_output", f"must be a dict with exactly one of "
+                                  f"{', '.join(STRUCTURED_OUTPUT_KINDS)}, got {value!r:.200}", request_id=request_id)
+    [(kind, spec)] = value.items()
+    field = f"structured_output.{kind}"
+    if kind == "json_schema" and isinstance(spec, Mapping):
+        try:
+            spec = json.dumps(spec, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(field, f"must be JSON-serializable ({exc})", request_id=request_id) from None
+    if kind == "json_object":
+        if spec is not True:
+            raise InvalidRequestError(field, f"must be True, got {spec!r:.200}", request_id=request_id)
+        pb.json_object = True
+    elif kind == "choice":
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec \
+                or not all(isinstance(c, str) and c for c in spec):
+            raise InvalidRequestError(field, "must be a non-empty list of non-empty strings", request_id=request_id)
+        pb.choice.choices.extend(spec)
+    elif not isinstance(spec, str) or not spec:
+        what = "a dict or JSON text" if kind == "json_schema" else "a non-empty string"
+        raise InvalidRequestError(field, f"must be {what}, got {type(spec).__name__}", request_id=request_id)
+    else:
+        setattr(pb, kind, spec)
 
 
 def _set_logit_bias(params: common_pb2.SamplingParams, value: object) -> None:

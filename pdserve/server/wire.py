@@ -57,7 +57,7 @@ def prompt_ids_from_pb(request: common_pb2.GenerateRequest, pre: Preprocessor) -
     if kind == "prompt":
         return pre(prompt=request.prompt, request_id=rid)
     if kind == "messages":
-        return pre(messages=_chat_from_pb(request.messages), request_id=rid)
+        return pre(messages=_chat_from_pb(request.messages), **_tools_from_pb(request.messages), request_id=rid)
     if kind == "prompt_token_ids":
         return pre(prompt_token_ids=list(request.prompt_token_ids.token_ids), request_id=rid)
     raise InvalidRequestError("prompt", "give one of prompt, messages, prompt_token_ids", request_id=rid)
@@ -76,7 +76,8 @@ def tokenize_to_pb(request: tokenize_pb2.TokenizeRequest, pre: Preprocessor, *, 
         ids = pre.token_ids(prompt=request.prompt, add_special_tokens=special, request_id=rid)
     elif kind == "messages":
         generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-        ids = pre.token_ids(messages=_chat_from_pb(request.messages), add_special_tokens=special,
+        ids = pre.token_ids(messages=_chat_from_pb(request.messages), **_tools_from_pb(request.messages),
+                            add_special_tokens=special,
                             add_generation_prompt=generation_prompt, request_id=rid)
     else:
         raise InvalidRequestError("prompt", "give one of prompt, messages", request_id=rid)
@@ -87,6 +88,11 @@ def tokenize_to_pb(request: tokenize_pb2.TokenizeRequest, pre: Preprocessor, *, 
 
 def _chat_from_pb(messages: common_pb2.Messages) -> list[ChatMessage]:
     return [ChatMessage(m.role, m.content) for m in messages.messages]
+
+
+def _tools_from_pb(messages: common_pb2.Messages) -> dict:
+    """The Preprocessor's tools arguments of a conversation."""
+    return {"tools_json": messages.tools_json or None, "tools_optional": messages.tools_optional}
 
 
 def fingerprint_to_pb(fp: Fingerprint) -> common_pb2.ModelFingerprint:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"O\n\x10ModelFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\"U\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x87\x01\n\x07KVStats\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x11\n\tnum_total\x18\x02 \x01(\r\x12\x10\n\x08num_free\x18\x03 \x01(\r\x12\x10\n\x08num_used\x18\x04 \x01(\r\x12\x12\n\nnum_cached\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\"\xf1\x01\n\nWorkerLoad\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x02 \x01(\r\x12\"\n\x1anum_pending_prefill_tokens\x18\x03 \x01(\x04\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.KVStats\x12\x1b\n\x13output_tokens_per_s\x18\x05 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x13\n\x0bp99_ttft_ms\x18\x07 \x01(\x01\x12\x12\n\np99_itl_ms\x18\x08 \x01(\x01\"\x0e\n\x0cStatsRequest\"n\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x04load\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x08Messages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xde\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x37\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x08messages\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.MessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07version\x18\x06 \x01(\tB\x07\n\x05input\"F\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"`\n\rTokenLogprobs\x12(\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xb7\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x18\n\x10\x63ompletion_index\x18\x04 \x01(\r\x12\r\n\x05index\x18\x05 \x01(\r\x12\x32\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x8c\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\"\xee\x02\n\x0eGenerateResult\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x19\n\x11prefill_worker_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\x12-\n\x0cprefill_mode\x18\x06 \x01(\x0e\x32\x17.pdserve.v1.PrefillMode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1c\n\x14num_prefill_attempts\x18\x08 \x01(\r\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\rH\x00\x12\r\n\x05index\x18\x0b \x01(\rB\x0e\n\x0cmatched_stop\"q\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.TokenDeltaH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.pdserve.v1.GenerateResultH\x00\x42\x06\n\x04kind*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x01\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"O\n\x10ModelFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\"U\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x87\x01\n\x07KVStats\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x11\n\tnum_total\x18\x02 \x01(\r\x12\x10\n\x08num_free\x18\x03 \x01(\r\x12\x10\n\x08num_used\x18\x04 \x01(\r\x12\x12\n\nnum_cached\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\"\xf1\x01\n\nWorkerLoad\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x02 \x01(\r\x12\"\n\x1anum_pending_prefill_tokens\x18\x03 \x01(\x04\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.KVStats\x12\x1b\n\x13output_tokens_per_s\x18\x05 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x13\n\x0bp99_ttft_ms\x18\x07 \x01(\x01\x12\x12\n\np99_itl_ms\x18\x08 \x01(\x01\"\x0e\n\x0cStatsRequest\"n\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x04load\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"a\n\x08Messages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x16\n\x0etools_optional\x18\x03 \x01(\x08\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xde\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x37\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x08messages\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.MessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07version\x18\x06 \x01(\tB\x07\n\x05input\"F\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"`\n\rTokenLogprobs\x12(\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xb7\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x18\n\x10\x63ompletion_index\x18\x04 \x01(\r\x12\r\n\x05index\x18\x05 \x01(\r\x12\x32\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x8c\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\"\xee\x02\n\x0eGenerateResult\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x19\n\x11prefill_worker_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\x12-\n\x0cprefill_mode\x18\x06 \x01(\x0e\x32\x17.pdserve.v1.PrefillMode\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1c\n\x14num_prefill_attempts\x18\x08 \x01(\r\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\rH\x00\x12\r\n\x05index\x18\x0b \x01(\rB\x0e\n\x0cmatched_stop\"q\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.TokenDeltaH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.pdserve.v1.GenerateResultH\x00\x42\x06\n\x04kind*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x01\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=3065
-  _globals['_WORKERROLE']._serialized_end=3155
-  _globals['_FINISHREASON']._serialized_start=3157
-  _globals['_FINISHREASON']._serialized_end=3277
-  _globals['_PREFILLMODE']._serialized_start=3279
-  _globals['_PREFILLMODE']._serialized_end=3371
+  _globals['_WORKERROLE']._serialized_start=3109
+  _globals['_WORKERROLE']._serialized_end=3199
+  _globals['_FINISHREASON']._serialized_start=3201
+  _globals['_FINISHREASON']._serialized_end=3321
+  _globals['_PREFILLMODE']._serialized_start=3323
+  _globals['_PREFILLMODE']._serialized_end=3415
   _globals['_MODELFINGERPRINT']._serialized_start=39
   _globals['_MODELFINGERPRINT']._serialized_end=118
   _globals['_KVLAYOUT']._serialized_start=120
@@ -54,31 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=717
   _globals['_CHATMESSAGE']._serialized_end=761
   _globals['_MESSAGES']._serialized_start=763
-  _globals['_MESSAGES']._serialized_end=816
-  _globals['_TOKENIDS']._serialized_start=818
-  _globals['_TOKENIDS']._serialized_end=847
-  _globals['_SAMPLINGPARAMS']._serialized_start=850
-  _globals['_SAMPLINGPARAMS']._serialized_end=1584
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1346
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1394
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1587
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1734
-  _globals['_CHOICES']._serialized_start=1736
-  _globals['_CHOICES']._serialized_end=1762
-  _globals['_GENERATEREQUEST']._serialized_start=1765
-  _globals['_GENERATEREQUEST']._serialized_end=1991
-  _globals['_TOKENLOGPROB']._serialized_start=1993
-  _globals['_TOKENLOGPROB']._serialized_end=2063
-  _globals['_TOKENLOGPROBS']._serialized_start=2065
-  _globals['_TOKENLOGPROBS']._serialized_end=2161
-  _globals['_TOKENDELTA']._serialized_start=2164
-  _globals['_TOKENDELTA']._serialized_end=2347
-  _globals['_USAGE']._serialized_start=2349
-  _globals['_USAGE']._serialized_end=2436
-  _globals['_TIMINGS']._serialized_start=2439
-  _globals['_TIMINGS']._serialized_end=2579
-  _globals['_GENERATERESULT']._serialized_start=2582
-  _globals['_GENERATERESULT']._serialized_end=2948
-  _globals['_GENERATERESPONSE']._serialized_start=2950
-  _globals['_GENERATERESPONSE']._serialized_end=3063
+  _globals['_MESSAGES']._serialized_end=860
+  _globals['_TOKENIDS']._serialized_start=862
+  _globals['_TOKENIDS']._serialized_end=891
+  _globals['_SAMPLINGPARAMS']._serialized_start=894
+  _globals['_SAMPLINGPARAMS']._serialized_end=1628
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1390
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1438
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1631
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1778
+  _globals['_CHOICES']._serialized_start=1780
+  _globals['_CHOICES']._serialized_end=1806
+  _globals['_GENERATEREQUEST']._serialized_start=1809
+  _globals['_GENERATEREQUEST']._serialized_end=2035
+  _globals['_TOKENLOGPROB']._serialized_start=2037
+  _globals['_TOKENLOGPROB']._serialized_end=2107
+  _globals['_TOKENLOGPROBS']._serialized_start=2109
+  _globals['_TOKENLOGPROBS']._serialized_end=2205
+  _globals['_TOKENDELTA']._serialized_start=2208
+  _globals['_TOKENDELTA']._serialized_end=2391
+  _globals['_USAGE']._serialized_start=2393
+  _globals['_USAGE']._serialized_end=2480
+  _globals['_TIMINGS']._serialized_start=2483
+  _globals['_TIMINGS']._serialized_end=2623
+  _globals['_GENERATERESULT']._serialized_start=2626
+  _globals['_GENERATERESULT']._serialized_end=2992
+  _globals['_GENERATERESPONSE']._serialized_start=2994
+  _globals['_GENERATERESPONSE']._serialized_end=3107
 # @@protoc_insertion_point(module_scope)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 
 import grpc
+import jsonschema
 import openai
 import pytest
 
@@ -185,7 +187,9 @@ def test_detokenize_round_trips(served):
     ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "continue_final_message": True},
      "continue_final_message"),
     ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "chat_template": "{{ x }}"}, "chat_template"),
-    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "tools": [{"type": "function"}]}, "tools"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "tools": [{"type": "function"}]},
+     "tools[0].function"),
+    ("/tokenize", {"prompt": "b", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/detokenize", {}, "tokens"),
     ("/detokenize", {"tokens": [5, -1]}, "tokens[1]"),
     ("/detokenize", {"tokens": [5, 6, 1.5]}, "tokens[2]"),
@@ -370,3 +374,248 @@ def test_bad_chat_fields_are_400_naming_the_field(served, kwargs, param):
         oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                     **kwargs)
     assert err.value.status_code == 400 and err.value.body["param"] == param
+
+
+# -- structured output and tool calls ---------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "hello there"}]
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    "pet": {"enum": ["cat", "dog"]}},
+    "required": ["name", "age", "pet"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def test_response_format_json_schema_answers_validate_for_each_choice(served):
+    _, oai, _ = served
+    for chat in (True, False):
+        kwargs = dict(model="default", max_tokens=200, temperature=1.0, seed=3, n=2)
+        answer = (oai.chat.completions.create(messages=CHAT, response_format=JSON_SCHEMA_FORMAT, **kwargs) if chat
+                  else oai.completions.create(prompt=PROMPT_IDS, extra_body={"response_format": JSON_SCHEMA_FORMAT},
+                                              **kwargs))  # the client's completions do not know the field
+        assert len(answer.choices) == 2
+        for choice in answer.choices:
+            text = choice.message.content if chat else choice.text
+            assert choice.finish_reason == "stop", text
+            jsonschema.validate(json.loads(text), PERSON)
+            assert "\n" not in text  # JSON on one line
+
+
+def test_response_format_json_object_answers_are_objects(served):
+    _, oai, _ = served
+    answer = oai.chat.completions.create(model="default", messages=CHAT, max_tokens=300, temperature=1.0, seed=1, n=4,
+                                         response_format={"type": "json_object"})
+    complete = [c.message.content for c in answer.choices if c.finish_reason == "stop"]
+    assert complete, "a random model may wander in an object for long, but not in all four samples"
+    assert all(isinstance(json.loads(text), dict) for text in complete)
+
+
+@pytest.mark.parametrize(("constraint", "check"), [
+    ({"regex": r"[a-c]{2}-\d{3}"}, lambda t: re.fullmatch(r"[a-c]{2}-[0-9]{3}", t)),
+    ({"choice": ["alpha", "beta", "gamma delta"]}, lambda t: t in ("alpha", "beta", "gamma delta")),
+    ({"grammar": 'start: "x" ("+" "x")* "=" NUM\nNUM: /[0-9]/'}, lambda t: re.fullmatch(r"x(\+x)*=[0-9]", t)),
+    ({"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+])
+def test_structured_outputs_constrain_both_endpoints(served, constraint, check):
+    _, oai, _ = served
+    body = {"structured_outputs": constraint}
+    for seed in (0, 1):
+        chat = oai.chat.completions.create(model="default", messages=CHAT, max_tokens=100, temperature=1.0, seed=seed,
+                                           extra_body=body)
+        assert chat.choices[0].finish_reason == "stop" and check(chat.choices[0].message.content)
+        text = oai.completions.create(model="default", prompt=PROMPT_IDS, max_tokens=100, temperature=1.0, seed=seed,
+                                      extra_body=body)
+        assert text.choices[0].finish_reason == "stop" and check(text.choices[0].text)
+
+
+def test_streamed_structured_chunks_join_to_the_whole_answer(served):
+    _, oai, _ = served
+    kwargs = dict(model="default", messages=CHAT, max_tokens=200, temperature=1.0, seed=9, n=2,
+                  response_format=JSON_SCHEMA_FORMAT)
+    whole = oai.chat.completions.create(**kwargs)
+    joined = {0: "", 1: ""}
+    for chunk in oai.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            joined[choice.index] += choice.delta.content or ""
+    assert joined == {c.index: c.message.content for c in whole.choices}
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/no"}}}},
+     "response_format.json_schema.schema"),
+    ({"extra_body": {"structured_outputs": {"regex": "[unclosed"}}}, "structured_outputs.regex"),
+    ({"extra_body": {"structured_outputs": {"grammar": "start: undefined_rule"}}}, "structured_outputs.grammar"),
+    ({"extra_body": {"structured_outputs": {"json": '{"type": "object", '}}}, "structured_outputs.json"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "structured_outputs"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "structural_tag": "x"}}},
+     "structured_outputs.structural_tag"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+     "structured_outputs"),
+    ({"tools": [WEATHER, {**CLOCK, "function": {**CLOCK["function"], "parameters": {"type": "foo"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "clock"}}}, "tools[1].function.parameters"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "clock"}}}, "tool_choice"),
+    ({"tools": [WEATHER]}, "tool_choice"),  # "auto" needs --tool-call-parser, which this router lacks
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+])
+def test_bad_structured_output_and_tools_are_400_naming_the_field(served, kwargs, param):
+    _, oai, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="default", messages=CHAT, max_tokens=8, **kwargs)
+    assert err.value.status_code == 400 and err.value.body["param"] == param, err.value.body
+    assert param in err.value.body["message"]
+
+
+def test_a_named_tool_call_whatever_the_model(served):
+    _, oai, _ = served
+    kwargs = dict(model="default", messages=CHAT, max_tokens=200, temperature=1.0, seed=4, n=2, tools=[CLOCK, WEATHER],
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = oai.chat.completions.create(**kwargs)
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # Streamed: the first chunk of a choice names the call, the next ones add to its arguments.
+    calls: dict[int, dict] = {}
+    finish = {}
+    for chunk in oai.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            for part in choice.delta.tool_calls or ():
+                assert part.index == 0
+                if part.id is not None:
+                    assert choice.index not in calls and part.type == "function"
+                    calls[choice.index] = {"name": part.function.name, "arguments": part.function.arguments}
+                else:
+                    assert part.function.name is None
+                    calls[choice.index]["arguments"] += part.function.arguments
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert calls == {c.index: {"name": "get_weather", "arguments": c.message.tool_calls[0].function.arguments}
+                     for c in whole.choices}
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_tool_choice_required_calls_the_tools(served, parallel):
+    _, oai, _ = served
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    kwargs = dict(model="default", messages=CHAT, max_tokens=300, temperature=1.0, seed=2, n=3, tools=[WEATHER, CLOCK],
+                  tool_choice="required", parallel_tool_calls=parallel)
+    whole = oai.chat.completions.create(**kwargs)
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert 1 <= len(calls) and (parallel or len(calls) == 1)
+        assert len({call.id for call in calls}) == len(calls)
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name])
+    streamed: dict[int, list] = {}
+    for chunk in oai.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            for part in choice.delta.tool_calls or ():  # "required" sends each call whole
+                streamed.setdefault(choice.index, []).append((part.index, part.function.name, part.function.arguments))
+    assert streamed == {c.index: [(i, call.function.name, call.function.arguments)
+                                  for i, call in enumerate(c.message.tool_calls)] for c in whole.choices}
+
+
+def test_structured_output_through_the_sdk(served):
+    cluster, _, _ = served
+    with Client(cluster.address) as sdk:
+        done = sdk.complete(prompt_token_ids=PROMPT_IDS, max_tokens=200, temperature=1.0, seed=5, n=2,
+                            structured_output={"json_schema": PERSON})
+        for sample in done.samples:
+            assert sample.finish_reason == "stop"
+            jsonschema.validate(json.loads(sample.text), PERSON)
+        assert sdk.complete("the cat", max_tokens=20, structured_output={"choice": ["yes", "no"]}).text in ("yes", "no")
+        with pytest.raises(InvalidRequestError) as err:
+            sdk.complete("the cat", max_tokens=4, structured_output={"regex": "(unclosed"})
+        assert err.value.field == "structured_output.regex" and "does not compile" in str(err.value)
+
+
+def test_a_template_without_tools_refuses_them(served):
+    cluster, oai, http = served
+    with Client(cluster.address) as sdk:
+        with pytest.raises(InvalidRequestError) as err:
+            sdk.complete(messages=CHAT, tools=[WEATHER], max_tokens=4)
+    assert err.value.field == "tools" and "this model's chat template takes no tools" in str(err.value)
+    assert post_json(http, "/tokenize", {"messages": CHAT, "tools": [WEATHER]})[1]["error"]["param"] == "tools"
+    # tool_choice "none" leaves the tools out; a named function needs no template's help.
+    plain = oai.chat.completions.create(model="default", messages=CHAT, max_tokens=4, temperature=0, tools=[WEATHER],
+                                        tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+
+
+# -- tool_choice "auto": a Hermes-style template and the router's --tool-call-parser ------------------------
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<s>system\nYou may call these tools:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}</tools>\nAnswer <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> to call one.</s>\n"
+    "{% endif %}{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tool_served(tiny_dir, tmp_path_factory):
+    config = tmp_path_factory.mktemp("tools") / "preprocess.json"
+    config.write_text(json.dumps({"chat_template": HERMES_TEMPLATE}))
+    spec = ClusterSpec(num_prefill=0, num_decode=1, model=tiny_dir, dtype="float32", kv_cache_gib=0.05,
+                       heartbeat_s=0.5, http_port=0,
+                       extra_args={"decode": ["--preprocess-config", str(config)],
+                                   "router": ["--tool-call-parser", "hermes"]})
+    with LocalCluster(spec) as cluster:
+        http = cluster.describe()["http"]
+        yield cluster, openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60), http
+
+
+# The model's output, forced: text, a call, a block that is not JSON (stays content), another call.
+FORCED = (r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'
+          r'</tool_call>\n<tool_call>oops</tool_call>\n<tool_call>\{"name": "clock", "arguments": \{"zone": "UTC"\}\}'
+          r'</tool_call>')
+
+
+def test_auto_reads_the_models_tool_call_markup(tool_served):
+    _, oai, http = tool_served
+    kwargs = dict(model="default", messages=CHAT, max_tokens=300, temperature=1.0, seed=6, tools=[WEATHER, CLOCK],
+                  extra_body={"structured_outputs": {"regex": FORCED}})
+    whole = oai.chat.completions.create(**kwargs)
+    [choice] = whole.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Sure. \n<tool_call>oops</tool_call>"
+    weather, clock = choice.message.tool_calls
+    assert weather.function.name == "get_weather" and clock.function.name == "clock"
+    assert json.loads(weather.function.arguments)["city"] in ("Paris", "Rome")
+    assert clock.function.arguments == '{"zone": "UTC"}'
+    # The tools reached the template: the prompt is what /tokenize counts with them, longer than without.
+    _, with_tools = post_json(http, "/tokenize", {"messages": CHAT, "tools": [WEATHER, CLOCK]})
+    _, without = post_json(http, "/tokenize", {"messages": CHAT})
+    assert whole.usage.prompt_tokens == with_tools["count"] > without["count"]
+    # Streamed: content as it comes, each call whole once its block closes.
+    content, calls, finish = "", [], None
+    for chunk in oai.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            calls += [(p.index, p.function.name, p.function.arguments) for p in c.delta.tool_calls or ()]
+            finish = c.finish_reason or finish
+    assert content == choice.message.content and finish == "tool_calls"
+    assert calls == [(i, call.function.name, call.function.arguments)
+                     for i, call in enumerate(choice.message.tool_calls)]
+
+
+def test_auto_without_a_call_is_a_plain_answer(tool_served):
+    _, oai, _ = tool_served
+    answer = oai.chat.completions.create(model="default", messages=CHAT, max_tokens=30, temperature=0,
+                                         tools=[WEATHER], tool_choice="auto",
+                                         extra_body={"structured_outputs": {"choice": ["It is sunny."]}})
+    assert answer.choices[0].message.content == "It is sunny." and answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].finish_reason == "stop"

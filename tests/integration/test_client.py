@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import subprocess
 import sys
 import threading
@@ -529,3 +530,68 @@ def test_bad_logit_bias_fails_before_any_call(fake: FakeServer, client: Client, 
     with pytest.raises(InvalidRequestError) as info:
         client.generate("a", logit_bias=bias)  # type: ignore[arg-type]
     assert info.value.field == "logit_bias" and fake.requests == []
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}]
+
+
+@pytest.mark.parametrize(("spec", "kind", "value"), [
+    ({"json_schema": SCHEMA}, "json_schema", json.dumps(SCHEMA)),
+    ({"json_schema": '{"type": "object"}'}, "json_schema", '{"type": "object"}'),
+    ({"json_object": True}, "json_object", True),
+    ({"regex": "[a-z]+"}, "regex", "[a-z]+"),
+    ({"grammar": 'start: "x"'}, "grammar", 'start: "x"'),
+    ({"choice": ("yes", "no")}, "choice", ["yes", "no"]),
+])
+def test_structured_output_is_sent(fake: FakeServer, client: Client, spec: dict, kind: str, value: object) -> None:
+    client.complete("hello", structured_output=spec)
+    sent = fake.requests[0].sampling_params.structured_output
+    assert sent.WhichOneof("kind") == kind
+    assert (list(sent.choice.choices) if kind == "choice" else getattr(sent, kind)) == value
+    client.complete("hello")
+    assert not fake.requests[1].sampling_params.HasField("structured_output")
+
+
+def test_async_structured_output_and_tools_are_sent(fake: FakeServer) -> None:
+    async def main() -> None:
+        async with AsyncClient(fake.address, timeout=5.0) as client:
+            await client.complete(messages=[{"role": "user", "content": "hi"}], structured_output={"regex": "a"},
+                                  tools=TOOLS)
+
+    asyncio.run(main())
+    request = fake.requests[0]
+    assert request.sampling_params.structured_output.regex == "a"
+    assert json.loads(request.messages.tools_json) == TOOLS and not request.messages.tools_optional
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ("json", "structured_output"),
+    ({}, "structured_output"),
+    ({"regex": "a", "choice": ["a"]}, "structured_output"),
+    ({"json": SCHEMA}, "structured_output"),
+    ({"json_schema": 5}, "structured_output.json_schema"),
+    ({"json_schema": {"x": {1, 2}}}, "structured_output.json_schema"),
+    ({"json_object": False}, "structured_output.json_object"),
+    ({"json_object": 1}, "structured_output.json_object"),
+    ({"regex": ""}, "structured_output.regex"),
+    ({"grammar": b"x"}, "structured_output.grammar"),
+    ({"choice": "yes"}, "structured_output.choice"),
+    ({"choice": []}, "structured_output.choice"),
+    ({"choice": ["a", 5]}, "structured_output.choice"),
+])
+def test_bad_structured_output_fails_before_any_call(fake: FakeServer, client: Client, spec: object,
+                                                     field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        client.generate("a", structured_output=spec)  # type: ignore[arg-type]
+    assert info.value.field == field and fake.requests == []
+
+
+@pytest.mark.parametrize("tools", ["get_weather", [TOOLS[0], "x"], [{"f": object()}]])
+def test_bad_tools_fail_before_any_call(fake: FakeServer, client: Client, tools: object) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        client.generate(messages=[{"role": "user", "content": "hi"}], tools=tools)  # type: ignore[arg-type]
+    assert info.value.field == "tools" and fake.requests == []
+    with pytest.raises(InvalidRequestError) as info:
+        client.generate("a prompt", tools=TOOLS)
+    assert info.value.field == "tools" and fake.requests == []

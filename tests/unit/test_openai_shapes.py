@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from pdserve.client.types import Delta, GenerationResult, Timings, TokenLogprob,
 from pdserve.errors import InvalidRequestError
 from pdserve.server.router.openai_request import OpenAIRequest, parse
 from pdserve.server.router.openai_response import Choices, Piece
+from pdserve.server.router.tool_calls import ToolUse, tool_use
 
 PROMPT = {"prompt": "Hi there"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -80,7 +82,13 @@ def test_chat_logprobs_and_top_logprobs() -> None:
     (True, {"top_logprobs": 2}, "top_logprobs"),
     (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (True, {"echo": True}, "echo"),
-    (True, {"tools": [{"type": "function"}]}, "tools"),
+    (True, {"tools": [{"type": "function"}]}, "tools[0].function"),
+    (False, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (False, {"tool_choice": "none"}, "tool_choice"),
+    (True, {"functions": [{"name": "f"}]}, "functions"),
+    (True, {"function_call": "auto"}, "function_call"),
+    (True, {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
+     "messages[0].tool_calls"),
     (False, {"logit_bias": [1, 2]}, "logit_bias"),
     (False, {"logit_bias": {"abc": 1}}, "logit_bias"),
     (False, {"logit_bias": {"-5": 1}}, "logit_bias"),
@@ -103,6 +111,123 @@ def test_worker_errors_are_renamed_to_the_body_fields_they_came_from() -> None:
     assert completions.body_field("logit_bias") is None
     _, chat = parse({**CHAT, "logprobs": True, "top_logprobs": 3}, chat=True, request_id="r")
     assert chat.body_field("logprobs") == "top_logprobs" and chat.body_field("n") is None
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
+
+
+def _structured(body: dict, chat: bool = False, parser: str | None = None) -> tuple[dict | None, str | None]:
+    """(the request's structured_output as a dict, the body field its errors name)."""
+    pb, spec = parse({**(CHAT if chat else PROMPT), **body}, chat=chat, request_id="r", tool_parser=parser)
+    so = pb.sampling_params.structured_output
+    kind = so.WhichOneof("kind") if pb.sampling_params.HasField("structured_output") else None
+    value = None if kind is None else list(so.choice.choices) if kind == "choice" else getattr(so, kind)
+    return ({kind: value} if kind else None), spec.structured_field
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(("body", "kind", "field"), [
+    ({}, None, None),
+    ({"response_format": {"type": "text"}}, None, None),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a-b_1", "schema": SCHEMA, "strict": True,
+                                                                 "description": "d"}}},
+     {"json_schema": json.dumps(SCHEMA)}, "response_format.json_schema.schema"),
+    ({"structured_outputs": {"json": SCHEMA}}, {"json_schema": json.dumps(SCHEMA)}, "structured_outputs.json"),
+    ({"structured_outputs": {"json": '{"type": "object"}'}}, {"json_schema": '{"type": "object"}'},
+     "structured_outputs.json"),
+    ({"structured_outputs": {"regex": "[a-z]+", "json": None, "json_object": False, "disable_any_whitespace": True}},
+     {"regex": "[a-z]+"}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": 'start: "x"'}}, {"grammar": 'start: "x"'}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, {"choice": ["yes", "no"]}, "structured_outputs.choice"),
+    ({"structured_outputs": {"json_object": True}}, {"json_object": True}, "structured_outputs.json_object"),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"regex": "x"}}, {"regex": "x"},
+     "structured_outputs.regex"),
+])
+def test_response_format_and_structured_outputs_map_onto_structured_output(body, kind, field, chat) -> None:
+    assert _structured(body, chat) == (kind, field)
+
+
+def test_tools_reach_the_template_and_constrain_a_named_or_required_call() -> None:
+    named = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    pb, spec = parse({**CHAT, **named}, chat=True, request_id="r")
+    assert json.loads(pb.messages.tools_json) == [WEATHER] and pb.messages.tools_optional
+    assert _structured(named, chat=True) == ({"json_schema": json.dumps(SCHEMA)}, "tools[0].function.parameters")
+    assert spec.tool_use == tool_use(named, None)
+    required, field = _structured({"tools": [WEATHER], "tool_choice": "required"}, chat=True)
+    assert field == "tools" and json.loads(required["json_schema"])["minItems"] == 1  # type: ignore[index]
+    pb, spec = parse({**CHAT, "tools": [WEATHER]}, chat=True, request_id="r", tool_parser="hermes")
+    assert pb.messages.tools_json and not pb.messages.tools_optional  # auto: the template must take them
+    assert spec.tool_use is not None and spec.tool_use.mode == "auto"
+    assert not pb.sampling_params.HasField("structured_output")
+    # auto leaves the output free, so a constraint of the caller's may go with it.
+    assert _structured({"tools": [WEATHER], "structured_outputs": {"regex": "x"}}, True, "hermes")[0] == {"regex": "x"}
+    pb, spec = parse({**CHAT, "tools": [WEATHER], "tool_choice": "none"}, chat=True, request_id="r")
+    assert not pb.messages.tools_json and spec.tool_use is None
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": SCHEMA}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": "{}"}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": "yes"}}},
+     "response_format.json_schema.strict"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "extra": 1}}},
+     "response_format.json_schema.extra"),
+    ({"structured_outputs": "regex"}, "structured_outputs"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
+    ({"structured_outputs": {"regex": "a", "disable_fallback": "no"}}, "structured_outputs.disable_fallback"),
+    ({"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": ""}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
+    ({"structured_outputs": {"json_object": 1}}, "structured_outputs.json_object"),
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"choice": ["yes", ""]}}, "structured_outputs.choice"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"guided_json": SCHEMA}, "guided_json"),
+    ({"guided_regex": "a"}, "guided_regex"),
+])
+def test_bad_structured_output_fields_name_the_body_field(body: dict, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        parse({**PROMPT, **body}, chat=False, request_id="r")
+    assert err.value.field == param
+
+
+@pytest.mark.parametrize("constraint", [{"response_format": {"type": "json_object"}},
+                                        {"structured_outputs": {"regex": "a"}}])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_constrained_tool_call_goes_with_no_other_constraint(constraint: dict, choice) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        parse({**CHAT, "tools": [WEATHER], "tool_choice": choice, **constraint}, chat=True, request_id="r")
+    assert err.value.field == "tool_choice"
+
+
+@pytest.mark.parametrize(("body", "worker_field", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
+     "structured_output.json_schema", "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}}, "structured_output.json_object", "response_format"),
+    ({"structured_outputs": {"regex": "[a"}}, "structured_output.regex", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a"]}}, "structured_output", "structured_outputs.choice"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "structured_output.json_schema", "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}, WEATHER],
+      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "structured_output.json_schema", "tools[1].function.parameters"),
+])
+def test_worker_errors_about_the_structured_output_name_the_field_it_came_from(body, worker_field, param) -> None:
+    _, spec = parse({**CHAT, **body}, chat=True, request_id="r")
+    assert spec.body_field(worker_field) == param
+    assert spec.body_field("tools") is None and spec.body_field("n") is None
 
 
 # -- answers --------------------------------------------------------------------------------------
@@ -197,3 +322,84 @@ def test_sample_0_ending_without_prompt_logprobs_releases_what_was_held() -> Non
     pieces = choices.add_result(_result(0, 0, "abort"))
     assert [(p.index, p.text, p.finish_reason) for p in pieces] == [
         (1, "ab", None), (1, "x", None), (0, "ab", None), (0, "", "abort")]
+
+
+def _tool_spec(use: ToolUse, n: int = 1) -> OpenAIRequest:
+    return _spec(chat=True, n=n, tool_use=use)
+
+
+def _streamed(pieces: list[Piece]) -> dict[int, dict]:
+    """Each choice as a client joins the streamed chunks: content, tool calls, finish_reason."""
+    out: dict[int, dict] = {}
+    for piece in (p for p in pieces if p.worth_sending()):
+        choice = out.setdefault(piece.index, {"content": "", "tool_calls": [], "finish_reason": None})
+        choice["content"] += piece.text
+        for part in piece.tool_calls or ():
+            if "id" in part:
+                choice["tool_calls"].append({"id": part["id"], "type": "function", "function": dict(part["function"])})
+            else:
+                choice["tool_calls"][part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+        choice["finish_reason"] = piece.finish_reason or choice["finish_reason"]
+    return out
+
+
+def test_a_named_call_streams_arguments_and_answers_tool_calls_with_null_content() -> None:
+    use = tool_use({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                   None)
+    assert use is not None
+    choices = Choices(_tool_spec(use, n=2))
+    pieces = []
+    for index, text in ((0, '{"a": '), (1, '{"a"'), (0, "12}"), (1, ": 3"), (1, "}")):
+        pieces += choices.add_delta(_delta(index, text))
+    pieces += choices.add_result(_result(0, 3, "stop")) + choices.add_result(_result(1, 3, "length"))
+    first = pieces[0]
+    assert first.text == "" and first.tool_calls == [{"index": 0, "id": first.tool_calls[0]["id"], "type": "function",
+                                                      "function": {"name": "get_weather", "arguments": '{"a": '}}]
+    assert pieces[2].tool_calls == [{"index": 0, "function": {"arguments": "12}"}}]
+    whole = choices.whole()
+    assert whole[0]["message"] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": first.tool_calls[0]["id"], "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"a": 12}'}}]}
+    assert [c["finish_reason"] for c in whole] == ["tool_calls", "length"]  # cut short: still its reason
+    assert whole[1]["message"]["tool_calls"][0]["function"]["arguments"] == '{"a": 3}'
+    streamed = _streamed(pieces)
+    assert {i: (c["content"], c["tool_calls"], c["finish_reason"]) for i, c in streamed.items()} == {
+        c["index"]: (c["message"]["content"] or "", c["message"]["tool_calls"], c["finish_reason"]) for c in whole}
+
+
+def test_required_calls_come_at_the_end_and_a_broken_array_is_content() -> None:
+    use = tool_use({"tools": [WEATHER], "tool_choice": "required"}, None)
+    assert use is not None
+    choices = Choices(_tool_spec(use, n=2))
+    assert choices.add_delta(_delta(0, '[{"name": "get_weather", ')) == [Piece(0, "", None)]
+    choices.add_delta(_delta(0, '"parameters": {"a": 1}}]'))
+    choices.add_delta(_delta(1, '[{"name": "get_w'))
+    end = choices.add_result(_result(0, 2, "stop"))
+    assert [p.finish_reason for p in end] == [None, "tool_calls"]
+    assert end[0].tool_calls and end[0].tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"a": 1}'}
+    assert [p.text for p in choices.add_result(_result(1, 1, "length"))] == ['[{"name": "get_w', ""]
+    first, second = choices.whole()
+    assert first["message"]["content"] is None and len(first["message"]["tool_calls"]) == 1
+    assert second["message"] == {"role": "assistant", "content": '[{"name": "get_w'}
+    assert second["finish_reason"] == "length"
+
+
+def test_auto_streams_content_and_each_call_once_its_block_closes() -> None:
+    use = tool_use({"tools": [WEATHER]}, "hermes")
+    assert use is not None
+    choices = Choices(_tool_spec(use))
+    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"a": 7}}\n</tool_call>\n'
+    pieces = [p for i in range(0, len(text), 5) for p in choices.add_delta(_delta(0, text[i:i + 5]))]
+    pieces += choices.add_result(_result(0, 20, "stop"))
+    [call] = [p for p in pieces if p.tool_calls]
+    assert call.tool_calls == [{"index": 0, "id": call.tool_calls[0]["id"], "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"a": 7}'}}]
+    [whole] = choices.whole()
+    assert whole["message"]["content"] == "Checking." and whole["finish_reason"] == "tool_calls"
+    streamed = _streamed(pieces)[0]
+    assert (streamed["content"], streamed["tool_calls"]) == ("Checking.", whole["message"]["tool_calls"])
+    plain = Choices(_tool_spec(use))
+    plain.add_delta(_delta(0, "No tools needed. "))
+    plain.add_result(_result(0, 3, "stop"))
+    assert plain.whole()[0]["message"] == {"role": "assistant", "content": "No tools needed. "}
+    assert plain.whole()[0]["finish_reason"] == "stop"

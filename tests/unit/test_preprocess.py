@@ -126,3 +126,59 @@ def test_preprocess_config_sets_template_limits_and_a_content_derived_version(to
     with pytest.raises(InvalidRequestError) as err:
         load_preprocessor(tokenizer, str(config))
     assert err.value.field == "preprocess_config"
+
+
+TOOLS_TEMPLATE = ("{% if tools %}[tools {{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+                  "{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+TOOLS = '[{"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "f"}}]'
+
+
+def test_tools_reach_a_template_that_takes_them_and_key_the_cache(tokenizer):
+    pre = Preprocessor(tokenizer, chat_template=TOOLS_TEMPLATE)
+    chat = [ChatMessage("user", "hi")]
+    assert pre.apply_chat_template(chat, tools_json=TOOLS) == "[tools get_weather,f][hi]"
+    assert pre.apply_chat_template(chat) == pre.apply_chat_template(chat, tools_json="[]") == "[hi]"
+    with_tools = pre(messages=chat, tools_json=TOOLS)
+    assert with_tools == tokenizer.encode("[tools get_weather,f][hi]", add_special_tokens=False)
+    without = pre(messages=chat)
+    assert without != with_tools and pre.cache.num_hits == 0  # the tools are part of the key
+    assert pre(messages=chat, tools_json=TOOLS) == with_tools and pre.cache.num_hits == 1
+    assert pre.token_ids(messages=chat, tools_json=TOOLS) == with_tools  # what /tokenize counts
+    for bad in ("{not json", '{"name": "f"}', "[1, 2]"):
+        with pytest.raises(InvalidRequestError) as err:
+            pre(messages=chat, tools_json=bad)
+        assert err.value.field == "tools"
+
+
+def test_a_template_that_takes_no_tools_refuses_them_unless_optional(tokenizer):
+    pre = Preprocessor(tokenizer)  # the tiny model's template never mentions tools
+    chat = [ChatMessage("user", "hi")]
+    with pytest.raises(InvalidRequestError) as err:
+        pre(messages=chat, tools_json=TOOLS, request_id="r1")
+    assert err.value.field == "tools"
+    assert str(err.value) == "request r1: tools: this model's chat template takes no tools"
+    assert pre(messages=chat, tools_json=TOOLS, tools_optional=True) == pre(messages=chat)
+    with pytest.raises(InvalidRequestError) as err:
+        pre(prompt="hi", tools_json=TOOLS)
+    assert err.value.field == "tools"
+
+
+def test_what_a_template_refuses_names_the_field(tokenizer):
+    chat = [ChatMessage("user", "hi")]
+    pre = Preprocessor(tokenizer, chat_template="{% for t in tools %}{{ t.function.name.upper() }}{% endfor %}")
+    assert pre.apply_chat_template(chat, tools_json=TOOLS) == "GET_WEATHERF"
+    with pytest.raises(InvalidRequestError) as err:
+        pre(messages=chat, tools_json='[{"name": "f"}]')
+    assert err.value.field == "tools" and "no attribute 'function'" in str(err.value)
+    pre = Preprocessor(tokenizer, chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(InvalidRequestError, match="roles must alternate") as err:
+        pre(messages=chat)
+    assert err.value.field == "messages"
+
+
+def test_smollm2s_template_takes_no_tools():
+    from tests.unit.test_detokenizer import load_smollm2_tokenizer
+
+    pre = Preprocessor(load_smollm2_tokenizer())
+    with pytest.raises(InvalidRequestError, match="takes no tools"):
+        pre(messages=[ChatMessage("user", "hi")], tools_json=TOOLS)

@@ -12,6 +12,7 @@ from pdserve.routing.registry import Registry, Role
 from pdserve.server import daemon, observe, streams, tls
 from pdserve.server.router import auth
 from pdserve.server.router.servicer import RouterServicer
+from pdserve.server.router.tool_calls import PARSERS
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the OpenAI-compatible HTTP API on this port (0: any free one; default: off)")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--served-model-name", default="default", help="the model id the HTTP API answers to")
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                   help="read tool calls out of the model's output in this format, for the HTTP API's "
+                        "tool_choice \"auto\" (hermes: <tool_call>{...}</tool_call>, Hermes and Qwen2.5; "
+                        "default: off, and \"auto\" is refused)")
     auth.add_args(p)
     tls.add_args(p)
     observe.add_args(p)
@@ -70,7 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
         from pdserve.server.router.openai_http import OpenAIServer
 
         http = OpenAIServer(servicer, args.served_model_name, args.http_host, args.http_port, keys=keys,
-                            ssl_context=tls_files.http_context() if tls_files else None)
+                            ssl_context=tls_files.http_context() if tls_files else None,
+                            tool_call_parser=args.tool_call_parser)
         await http.start()
     await d.start([router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
                   ready={"http_port": http.port} if http else None)

@@ -15,7 +15,16 @@ a bad field is 400 with `param` naming it; no valid API key 401 (when the router
 keys: `Authorization: Bearer KEY`); an unknown model 404; no room 429; no
 worker 503; a deadline 504. An error after the stream began is one `data:
 {"error": ...}` event before [DONE]. Not supported (400, named): best_of other than n,
-suffix, tools, functions, echo on chat, top_logprobs on completions (its `logprobs: N` says it).
+suffix, functions and function_call (use tools), tool calls in a conversation's earlier messages,
+echo on chat, top_logprobs on completions (its `logprobs: N` says it).
+
+Structured output (`response_format`, vLLM's `structured_outputs`; openai_request) on both
+endpoints; tool calls (`tools`, `tool_choice`; tool_calls.py) on chat: a named function or
+"required" constrain the output to the call, "auto" reads the model's own markup with the router's
+--tool-call-parser. Streamed, a named function's arguments come as they are generated
+(`delta.tool_calls[0].function.arguments`, the first chunk with id, type and name); "required"
+sends its calls whole once the output ends; "auto" streams content and sends each call whole when
+its block closes.
 
 /tokenize and /detokenize take vLLM's bodies and answer its shapes, from a worker's own
 preprocessing (`pdserve.server.router.tokenization`), so `count` is the `usage.prompt_tokens` a
@@ -26,8 +35,9 @@ completion of the same input reports:
   POST /detokenize {"tokens": [id], "model"?} -> {"prompt": str}
 An omitted flag means what generation does (special tokens: the worker's setting for a prompt, none
 added to a chat template's; the generation prompt added). Not supported (400, named):
-continue_final_message, chat_template, chat_template_kwargs, tools, media_io_kwargs,
-mm_processor_kwargs. They need an API key as the /v1/ routes do.
+continue_final_message, chat_template, chat_template_kwargs, media_io_kwargs, mm_processor_kwargs.
+`tools` (with messages) are rendered as a chat completion's are (tool_choice "auto"). They need an
+API key as the /v1/ routes do.
 
 Every request has an id: the caller's `X-Request-Id` header (1-128 printable ASCII characters,
 no spaces; 400 otherwise) or a new one. It is the request's id through the cluster (so
@@ -57,6 +67,7 @@ from pdserve.server.router import openai_request
 from pdserve.server.router.auth import ApiKeys
 from pdserve.server.router.openai_request import OpenAIRequest, flag, message
 from pdserve.server.router.openai_response import Choices, Piece
+from pdserve.server.router.tool_calls import check_tools
 from pdserve.server.streams import Watch
 from pdserve.v1 import tokenize_pb2
 
@@ -67,7 +78,7 @@ _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (AuthenticationE
            (CapacityError, 429, "rate_limit_error"), (UnavailableError, 503, "service_unavailable"),
            (DeadlineError, 504, "timeout")]
 # vLLM /tokenize fields that do not map onto pdserve's preprocessing.
-_TOKENIZE_UNSUPPORTED = ("continue_final_message", "chat_template", "chat_template_kwargs", "tools",
+_TOKENIZE_UNSUPPORTED = ("continue_final_message", "chat_template", "chat_template_kwargs",
                          "media_io_kwargs", "mm_processor_kwargs")
 # Routes outside /v1/ that need an API key all the same (vLLM serves these at the root).
 _KEYED_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})
@@ -78,8 +89,9 @@ _REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 class OpenAIServer:
     def __init__(self, router, model_name: str, host: str = "127.0.0.1", port: int = 0,
                  timeout_s: float | None = 600.0, keys: ApiKeys | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, tool_call_parser: str | None = None) -> None:
         self.router = router  # a RouterServicer
+        self.tool_call_parser = tool_call_parser  # reads tool calls out of the output (tool_choice "auto")
         self.model_name = model_name
         self.host, self.port = host, port
         self.timeout_s = timeout_s
@@ -135,7 +147,7 @@ class OpenAIServer:
         try:
             body = await _json_body(http)
             self._check_model(body)
-            pb, spec = openai_request.parse(body, chat, http["request_id"])
+            pb, spec = openai_request.parse(body, chat, http["request_id"], self.tool_call_parser)
         except PdserveError as exc:
             return _error_response(exc)
         pb.version = http.headers.get("X-Pdserve-Version", "")  # A/B: pin a rollout version
@@ -285,8 +297,10 @@ async def _sse(http: web.Request, stream: AsyncIterator, meta: dict, choices: Ch
 
 def _chunk_choice(chat: bool, piece: Piece) -> dict:
     if chat:
-        return {"index": piece.index, "delta": {"content": piece.text} if piece.text else {},
-                "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+        delta: dict = {"content": piece.text} if piece.text else {}
+        if piece.tool_calls:
+            delta["tool_calls"] = piece.tool_calls
+        return {"index": piece.index, "delta": delta, "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
     return {"index": piece.index, "text": piece.text, "logprobs": piece.logprobs,
             "finish_reason": piece.finish_reason}
 
@@ -346,6 +360,12 @@ def _tokenize_pb(body: dict, request_id: str) -> tokenize_pb2.TokenizeRequest:
         pb.messages.SetInParent()
         for i, m in enumerate(messages):
             pb.messages.messages.add(**message(m, i))
+    tools = body.get("tools")
+    if tools not in (None, []):
+        if prompt is not None:
+            raise InvalidRequestError("tools", "need messages (the chat template renders them)")
+        check_tools(tools)
+        pb.messages.tools_json = json.dumps(tools, ensure_ascii=False)
     for name in ("add_special_tokens", "add_generation_prompt"):
         value = flag(body, name)
         if value is not None:

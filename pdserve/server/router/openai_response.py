@@ -16,6 +16,12 @@ pieces joined per choice, so the two agree. The shapes (OpenAI's API reference, 
   daemons send before any other sample's; a delta that came before it anyway would be held back
   until it comes (or sample 0's result does).
 - usage: prompt_tokens once, completion_tokens summed over the choices.
+- chat tool calls (`OpenAIRequest.tool_use`): each choice's text goes through its
+  `tool_calls.ToolCallReader`; a piece carries the content it lets through and its
+  `delta.tool_calls` entries, the whole message `content` (null when it is only whitespace beside
+  tool calls) and `tool_calls` [{"id", "type": "function", "function": {"name", "arguments"}}].
+  A choice with tool calls that stopped by itself (not by length) ends with finish_reason
+  "tool_calls".
 Logprobs below -9999 (a filtered token's -inf) are written as -9999.0, as OpenAI does.
 """
 
@@ -27,6 +33,7 @@ from typing import Any
 from pdserve.client.types import Delta, GenerationResult, TokenLogprob
 from pdserve.errors import FatalError
 from pdserve.server.router.openai_request import OpenAIRequest
+from pdserve.server.router.tool_calls import Content, ToolCallReader
 
 _MIN_LOGPROB = -9999.0
 
@@ -41,9 +48,12 @@ class Piece:
     logprobs: dict | None
     # Set on the choice's last piece (no text then).
     finish_reason: str | None = None
+    # chat with tools: this part's `delta.tool_calls` entries; None without.
+    tool_calls: list[dict] | None = None
 
     def worth_sending(self) -> bool:
-        return bool(self.text) or self.logprobs is not None or self.finish_reason is not None
+        return bool(self.text) or self.logprobs is not None or self.finish_reason is not None \
+            or self.tool_calls is not None
 
 
 @dataclass(slots=True)
@@ -56,6 +66,15 @@ class _Choice:
     offset: int = 0
     started: bool = False
     result: GenerationResult | None = None
+    # chat with tools: reads the text as content and tool calls; None: the text is the content.
+    reader: ToolCallReader | None = None
+    # The calls so far, as the whole message lists them.
+    tool_calls: list[dict] = field(default_factory=list)
+
+    @property
+    def finish_reason(self) -> str | None:
+        reason = self.result.finish_reason if self.result else None
+        return "tool_calls" if self.tool_calls and reason == "stop" else reason
 
 
 class Choices:
@@ -65,7 +84,8 @@ class Choices:
         """`echo_text`: the prompt's text, with completions echo."""
         self.request = request
         self.echo_text = echo_text or ""
-        self._choices = [_Choice() for _ in range(request.n)]
+        tools = request.tool_use
+        self._choices = [_Choice(reader=tools.reader() if tools else None) for _ in range(request.n)]
         self._prompt_logprobs: list[TokenLogprob | None] = []
         # Echo with logprobs: what came before the prompt's logprobs, held back; None once they came.
         self._held: list[Delta | GenerationResult] | None = [] if request.echo and request.logprobs is not None \
@@ -95,10 +115,10 @@ class Choices:
         out = []
         for i, c in enumerate(self._choices):
             text = "".join(c.text)
-            choice: dict[str, Any] = ({"index": i, "message": {"role": "assistant", "content": text}}
+            choice: dict[str, Any] = ({"index": i, "message": _message(text, c.tool_calls)}
                                       if self.request.chat else {"index": i, "text": text})
             choice["logprobs"] = c.logprobs
-            choice["finish_reason"] = c.result.finish_reason if c.result else None
+            choice["finish_reason"] = c.finish_reason
             out.append(choice)
         return out
 
@@ -121,13 +141,19 @@ class Choices:
         logprobs = None
         if self.request.logprobs is not None:
             logprobs = self._logprobs_json(choice, delta.logprobs or [])
-        pieces.append(self._add(choice, Piece(delta.index, delta.text, logprobs)))
+        text, tool_calls = _read(choice.reader, delta.text)
+        pieces.append(self._add(choice, Piece(delta.index, text, logprobs, tool_calls=tool_calls)))
         return pieces
 
     def _result_pieces(self, result: GenerationResult) -> list[Piece]:
         choice = self._choice(result.index)
+        pieces = self._start(result.index, choice)
+        if choice.reader is not None:  # what it held back
+            text, tool_calls = _read(choice.reader, None)
+            if text or tool_calls:
+                pieces.append(self._add(choice, Piece(result.index, text, None, tool_calls=tool_calls)))
         choice.result = result
-        return [*self._start(result.index, choice), Piece(result.index, "", None, result.finish_reason)]
+        return [*pieces, Piece(result.index, "", None, choice.finish_reason)]
 
     def _choice(self, index: int) -> _Choice:
         if not 0 <= index < len(self._choices):
@@ -147,6 +173,11 @@ class Choices:
 
     def _add(self, choice: _Choice, piece: Piece) -> Piece:
         choice.text.append(piece.text)
+        for part in piece.tool_calls or ():
+            if "id" in part:
+                choice.tool_calls.append({"id": part["id"], "type": "function", "function": dict(part["function"])})
+            else:
+                choice.tool_calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
         if piece.logprobs is not None:
             if choice.logprobs is None:
                 choice.logprobs = {key: [] if isinstance(value, list) else value
@@ -175,6 +206,22 @@ class Choices:
         rest = b"".join(e.token_bytes for e in self._prompt_logprobs[1:] if e is not None)
         whole = self.echo_text.encode()
         return whole[:len(whole) - len(rest)].decode("utf-8", "replace") if whole.endswith(rest) else ""
+
+
+def _read(reader: ToolCallReader | None, text: str | None) -> tuple[str, list[dict] | None]:
+    """The content and `delta.tool_calls` entries of more text (None: the end of the output)."""
+    if reader is None:
+        return text or "", None
+    events = reader.feed(text) if text is not None else reader.finish()
+    content = "".join(e.text for e in events if isinstance(e, Content))
+    tool_calls = [e.chunk() for e in events if not isinstance(e, Content)]
+    return content, tool_calls or None
+
+
+def _message(text: str, tool_calls: list[dict]) -> dict:
+    if not tool_calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text if text and not text.isspace() else None, "tool_calls": tool_calls}
 
 
 def _token(entry: TokenLogprob) -> str:
