@@ -20,7 +20,12 @@ Phases:
      ten of 2048 tokens (16 output tokens): the case disaggregation is for.
   3. throughput: the synthetic workload (128 in, 128 out) at concurrency 32 against coloc,
      transformers and llama-server.
-Every request asks for greedy output of exactly its max_tokens (ignore_eos). The load
+  4. sharegpt (only with --phases ...,sharegpt): --sharegpt-requests ShareGPT conversations
+     sampled as vLLM's serving benchmark does (pdserve/loadgen/sharegpt.py; prompt and output
+     lengths from the data, prompts as ids of the model's tokenizer), closed loop at
+     concurrency 16, against disagg, coloc and llama-server.
+Every request asks for greedy output of exactly its max_tokens (ignore_eos).
+--phases picks which run (default ramp,interference,throughput; interference needs ramp). The load
 generator runs in this process, on the same cores as the servers, for every configuration.
 Goodput SLOs: TTFT <= 3000 ms and TPOT <= 150 ms (--slo-ttft-ms, --slo-tpot-ms).
 
@@ -54,6 +59,8 @@ from pdserve.loadgen.workloads import WorkloadSpec, build
 RAMP_CONCURRENCY = 16
 LOAD_FRACTION = 0.7
 THROUGHPUT_CONCURRENCY = 32
+SHAREGPT_CONCURRENCY = 16
+PHASES = ("ramp", "interference", "throughput", "sharegpt")
 
 
 def log(message: str) -> None:
@@ -174,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
                         "where the CPU has native bf16, float32 where bf16 would be emulated)")
     p.add_argument("--quantization", choices=["int4", "int8"], default=None, help="pdserve's weights")
     p.add_argument("--compile-max-batch", type=int, default=0, help="pdserve decode's compiled buckets")
+    p.add_argument("--phases", default="ramp,interference,throughput",
+                   help="comma list of ramp, interference, throughput, sharegpt")
+    p.add_argument("--sharegpt-requests", type=int, default=32, help="ShareGPT requests at concurrency 16")
     p.add_argument("--quick", action="store_true", help="small traces: checks the pipeline, not a measurement")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES) or ("interference" in phases and "ramp" not in phases):
+        p.error(f"--phases: a comma list of {', '.join(PHASES)}; interference needs ramp")
 
     gguf = args.model or default_model_path()
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
@@ -197,53 +210,68 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log("llama-server: skipped (no --llama-server PATH; `make llama-server` builds one)")
 
-    # 1. ramp
-    ramp = Phase("ramp", WorkloadSpec(**{**asdict(interference), "num_requests": max(n // 2, RAMP_CONCURRENCY),
-                                         "seed": args.seed + 1}), Arrivals(concurrency=RAMP_CONCURRENCY))
-    ramp_summary = summarize(run_phase(coloc, ramp, args.time_limit_s), slo)
-    rate = LOAD_FRACTION * ramp_summary["request_throughput"]
-    log(f"co-located maximum {ramp_summary['request_throughput']:.3f} req/s at concurrency {RAMP_CONCURRENCY}; "
-        f"interference rate {rate:.3f} req/s")
+    runs: dict[str, dict[str, list[RequestRecord]]] = {}  # phase -> config -> its requests
+    summaries: dict[str, dict[str, dict]] = {}
+    ratios: dict[str, float | None] = {}
+    rate = None
 
-    # 2. interference
-    phase = Phase("interference", interference, Arrivals(rate=rate, seed=args.seed))
-    inter = {c.name: run_phase(c, phase, args.time_limit_s) for c in [disagg, coloc, *others]}
-    inter_summary = {name: summarize(rs, slo) for name, rs in inter.items()}
+    def run(phase: Phase, configs) -> None:
+        runs[phase.name] = {c.name: run_phase(c, phase, args.time_limit_s) for c in configs}
+        summaries[phase.name] = {name: summarize(rs, slo) for name, rs in runs[phase.name].items()}
 
-    # 3. throughput
-    phase = Phase("throughput", WorkloadSpec("synthetic", n_tput, input_len=128, output_len=128, seed=args.seed + 2),
-                  Arrivals(concurrency=THROUGHPUT_CONCURRENCY))
-    tput = {c.name: run_phase(c, phase, args.time_limit_s) for c in [coloc, *others]}
-    tput_summary = {name: summarize(rs, slo) for name, rs in tput.items()}
-
-    d, c = inter_summary["disagg"], inter_summary["coloc"]
-    out_tput = {name: s["output_throughput"] for name, s in tput_summary.items()}
-    ratios = {
-        "p99_itl_disagg_over_coloc": ratio(d["itl_ms"]["p99"], c["itl_ms"]["p99"]),
-        "p99_ttft_disagg_over_coloc": ratio(d["ttft_ms"]["p99"], c["ttft_ms"]["p99"]),
-        "goodput_disagg_over_coloc": ratio(d["goodput"], c["goodput"]),
-        "throughput_pdserve_over_hf": ratio(out_tput["coloc"], out_tput.get("transformers")),
-        "throughput_pdserve_over_llamacpp": ratio(out_tput["coloc"], out_tput.get("llama-server")),
-    }
-    # The (b)/(a) and (c)/(a): every other configuration over disagg on the interference trace.
-    for name, s in inter_summary.items():
-        if name != "disagg":
-            ratios[f"p99_itl_{name}_over_disagg"] = ratio(s["itl_ms"]["p99"], d["itl_ms"]["p99"])
-            ratios[f"p99_ttft_{name}_over_disagg"] = ratio(s["ttft_ms"]["p99"], d["ttft_ms"]["p99"])
-            ratios[f"goodput_{name}_over_disagg"] = ratio(s["goodput"], d["goodput"])
-
-    print(f"== ramp (coloc, closed loop at {RAMP_CONCURRENCY}): {ramp_summary['request_throughput']:.3f} req/s, "
-          f"{ramp_summary['output_throughput']:.1f} output tok/s; interference rate {rate:.3f} req/s")
-    print("== interference")
-    report_run(inter_summary, inter, None, args.plot)
-    print(f"== throughput: synthetic 128 in / 128 out, closed loop at {THROUGHPUT_CONCURRENCY}")
-    report_run(tput_summary, tput, None, None, ratios=ratios)
+    if "ramp" in phases:
+        ramp = Phase("ramp", WorkloadSpec(**{**asdict(interference), "num_requests": max(n // 2, RAMP_CONCURRENCY),
+                                             "seed": args.seed + 1}), Arrivals(concurrency=RAMP_CONCURRENCY))
+        run(ramp, [coloc])
+        ramp_summary = summaries["ramp"]["coloc"]
+        rate = LOAD_FRACTION * ramp_summary["request_throughput"]
+        log(f"co-located maximum {ramp_summary['request_throughput']:.3f} req/s at concurrency {RAMP_CONCURRENCY}; "
+            f"interference rate {rate:.3f} req/s")
+        print(f"== ramp (coloc, closed loop at {RAMP_CONCURRENCY}): {ramp_summary['request_throughput']:.3f} req/s, "
+              f"{ramp_summary['output_throughput']:.1f} output tok/s; interference rate {rate:.3f} req/s")
+    if "interference" in phases:
+        run(Phase("interference", interference, Arrivals(rate=rate, seed=args.seed)), [disagg, coloc, *others])
+        inter_summary = summaries["interference"]
+        d, c = inter_summary["disagg"], inter_summary["coloc"]
+        ratios.update({"p99_itl_disagg_over_coloc": ratio(d["itl_ms"]["p99"], c["itl_ms"]["p99"]),
+                       "p99_ttft_disagg_over_coloc": ratio(d["ttft_ms"]["p99"], c["ttft_ms"]["p99"]),
+                       "goodput_disagg_over_coloc": ratio(d["goodput"], c["goodput"])})
+        # The (b)/(a) and (c)/(a): every other configuration over disagg on the interference trace.
+        for name, s in inter_summary.items():
+            if name != "disagg":
+                ratios[f"p99_itl_{name}_over_disagg"] = ratio(s["itl_ms"]["p99"], d["itl_ms"]["p99"])
+                ratios[f"p99_ttft_{name}_over_disagg"] = ratio(s["ttft_ms"]["p99"], d["ttft_ms"]["p99"])
+                ratios[f"goodput_{name}_over_disagg"] = ratio(s["goodput"], d["goodput"])
+        print("== interference")
+        report_run(inter_summary, runs["interference"], None, args.plot)
+    if "throughput" in phases:
+        run(Phase("throughput", WorkloadSpec("synthetic", n_tput, input_len=128, output_len=128, seed=args.seed + 2),
+                  Arrivals(concurrency=THROUGHPUT_CONCURRENCY)), [coloc, *others])
+        out_tput = {name: s["output_throughput"] for name, s in summaries["throughput"].items()}
+        ratios.update({"throughput_pdserve_over_hf": ratio(out_tput["coloc"], out_tput.get("transformers")),
+                       "throughput_pdserve_over_llamacpp": ratio(out_tput["coloc"], out_tput.get("llama-server"))})
+        print(f"== throughput: synthetic 128 in / 128 out, closed loop at {THROUGHPUT_CONCURRENCY}")
+        report_run(summaries["throughput"], runs["throughput"], None, None)
+    if "sharegpt" in phases:
+        sharegpt = WorkloadSpec("sharegpt", 8 if args.quick else args.sharegpt_requests, seed=args.seed + 3,
+                                tokenizer=gguf)
+        run(Phase("sharegpt", sharegpt, Arrivals(concurrency=SHAREGPT_CONCURRENCY)),
+            [disagg, coloc, *(o for o in others if o.name == "llama-server")])
+        sg = summaries["sharegpt"]
+        for name in sg:
+            if name != "coloc":
+                ratios[f"sharegpt_output_throughput_{name}_over_coloc"] = ratio(sg[name]["output_throughput"],
+                                                                                sg["coloc"]["output_throughput"])
+                ratios[f"sharegpt_p99_itl_{name}_over_coloc"] = ratio(sg[name]["itl_ms"]["p99"],
+                                                                      sg["coloc"]["itl_ms"]["p99"])
+        print(f"== sharegpt: {sharegpt.num_requests} ShareGPT requests, closed loop at {SHAREGPT_CONCURRENCY}")
+        report_run(sg, runs["sharegpt"], None, None)
+    print("== ratios")
+    for name, value in ratios.items():
+        print(f"{name:48s} {'-' if value is None else f'{value:.2f}'}")
     if args.json:
-        configs = {f"interference/{k}": {**v, "requests": [r.to_json() for r in inter[k]]}
-                   for k, v in inter_summary.items()}
-        configs.update({f"throughput/{k}": {**v, "requests": [r.to_json() for r in tput[k]]}
-                        for k, v in tput_summary.items()})
-        configs["ramp/coloc"] = ramp_summary
+        configs = {f"{phase}/{k}": {**v, "requests": [r.to_json() for r in runs[phase][k]] if phase != "ramp" else []}
+                   for phase, per in summaries.items() for k, v in per.items()}
         payload = {"configs": configs, "ratios": ratios, "rate": rate,
                    "workloads": {"interference": asdict(interference)}, "llama_server": args.llama_server,
                    "dtype": dtype, "quantization": args.quantization, "compile_max_batch": args.compile_max_batch}
