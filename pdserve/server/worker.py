@@ -33,6 +33,7 @@ from pdserve.observability.metrics import Metrics, WorkerState
 from pdserve.preprocess import load_preprocessor
 from pdserve.server import daemon, observe, tls, wire
 from pdserve.server.daemon import channel
+from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenize_pb2
 
 log = logging.getLogger("pdserve.worker")
@@ -81,6 +82,27 @@ GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 def role_name(role: int) -> str:
     """"prefill" or "decode" for a WorkerRole value."""
     return common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
+
+
+class WorkerRpcs:
+    """The rpcs both worker services answer alike (Stats, Tokenize, Detokenize), for their servicers."""
+
+    worker: Worker
+
+    async def Stats(self, request, context):
+        return await self.worker.stats_response()
+
+    async def Tokenize(self, request, context):
+        try:
+            return self.worker.tokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
+
+    async def Detokenize(self, request, context):
+        try:
+            return self.worker.detokenize(request)
+        except PdserveError as exc:
+            await abort_with(context, exc)
 
 
 class Worker:

@@ -46,7 +46,7 @@ from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, streams, wire
 from pdserve.server.streams import SlowReaders
-from pdserve.server.worker import Worker
+from pdserve.server.worker import Worker, WorkerRpcs
 from pdserve.status import abort_with
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 
@@ -76,28 +76,13 @@ class _Attempt:
     errors: list[str] = field(default_factory=list)
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+class DecodeServicer(WorkerRpcs, decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, worker: Worker, options: DecodeOptions) -> None:
         self.worker = worker
         self.options = options
         self._stub = daemon.Stubs(PrefillStub)
         self.readers = SlowReaders(options.slow_reader_timeout_s, worker.metrics.inc_slow_reader_abort)
         self._active: dict[str, Callable[[PdserveError], None]] = {}  # request id -> end it with an error
-
-    async def Stats(self, request, context):
-        return await self.worker.stats_response()
-
-    async def Tokenize(self, request, context):
-        try:
-            return self.worker.tokenize(request)
-        except PdserveError as exc:
-            await abort_with(context, exc)
-
-    async def Detokenize(self, request, context):
-        try:
-            return self.worker.detokenize(request)
-        except PdserveError as exc:
-            await abort_with(context, exc)
 
     async def Generate(self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext):
         rid = request.request.request_id or uuid.uuid4().hex

@@ -42,7 +42,7 @@ from pdserve.observability import tracing
 from pdserve.observability.tracing import Attr, SpanName
 from pdserve.server import daemon, observe, wire
 from pdserve.server.prefill.faults import FaultInjector
-from pdserve.server.worker import Worker
+from pdserve.server.worker import Worker, WorkerRpcs
 from pdserve.status import abort_with
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -51,28 +51,13 @@ from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 SKIP_TIMEOUT_S = 30.0
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+class PrefillServicer(WorkerRpcs, prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, worker: Worker, faults: FaultInjector | None = None,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
         self.worker = worker
         self.faults = faults or FaultInjector.from_env()
         self.max_chunk_bytes = max_chunk_bytes  # a decode worker may ask for smaller chunks, not larger
         self._running: set[str] = set()  # ids of the prefills in progress; touched only on the event loop
-
-    async def Stats(self, request, context):
-        return await self.worker.stats_response()
-
-    async def Tokenize(self, request, context):
-        try:
-            return self.worker.tokenize(request)
-        except PdserveError as exc:
-            await abort_with(context, exc)
-
-    async def Detokenize(self, request, context):
-        try:
-            return self.worker.detokenize(request)
-        except PdserveError as exc:
-            await abort_with(context, exc)
 
     async def Prefill(self, messages, context: grpc.aio.ServicerContext):
         """`messages` is left unread: the call's messages are read one at a time (context.read)."""
