@@ -171,8 +171,8 @@ class TokenMasks:
         for i, (_, matcher) in enumerate(rows):
             fill(matcher._matcher, bitmask, i)
         index = torch.tensor([row for row, _ in rows], dtype=torch.long)
-        op = self._compiled_op()
-        if op and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        on_cpu = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+        if on_cpu and (op := self._compiled_op()):  # (never looked up for CUDA: no CPU library built there)
             op(logits, index, bitmask)
         else:
             apply_token_bitmask_reference(logits, index.to(logits.device), bitmask.to(logits.device))
