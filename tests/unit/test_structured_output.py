@@ -177,3 +177,19 @@ def test_the_compiled_mask_op_equals_the_reference(vocab):
     torch.ops.pdserve.apply_token_bitmask_(got, rows, bitmask)
     assert torch.equal(got, want)
     assert torch.equal(got[[1, 3]], logits[[1, 3]])  # rows without a grammar untouched
+
+
+def test_a_spec_that_compiles_too_long_is_refused_by_the_worker():
+    """The worker waits for the compile thread at most --grammar-compile-timeout-s, then refuses, naming the field."""
+    import asyncio
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from pdserve.server.worker import Worker
+
+    never: Future = Future()  # a compile that does not end in time
+    worker = SimpleNamespace(loop=SimpleNamespace(compile_grammar=lambda params: never), grammar_compile_timeout_s=0.05)
+    params = SamplingParams(structured_output=StructuredOutput(json_schema='{"type": "object"}'))
+    with pytest.raises(InvalidRequestError, match=r"structured_output.json_schema: did not compile within 0.05 s"):
+        asyncio.run(Worker.compile_grammar(worker, params, "r1"))
+    asyncio.run(Worker.compile_grammar(worker, SamplingParams(), "r2"))  # nothing to compile: no wait
