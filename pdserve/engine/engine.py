@@ -39,12 +39,12 @@ from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.errors import CapacityError, InvalidRequestError, NotFoundError
 
+log = logging.getLogger(__name__)
+
 # Receives KV computed for export: (request_id, layer, start position, k, v), k/v [Hkv, T, D]
 # with each head's rows contiguous, possibly views of the cache itself: valid only during
 # the call (copy what is kept). Called on the engine thread, layer by layer, while later
 # layers compute.
-log = logging.getLogger(__name__)
-
 KVExportSink = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -172,10 +172,10 @@ class LLMEngine:
                 prompt_logprobs is not None and len(prompt_logprobs) != seq.num_prompt_tokens):
             raise InvalidRequestError("prompt_logprobs", f"{len(prompt_logprobs or ())} entries for a "
                                       f"{seq.num_prompt_tokens}-token prompt", request_id=request_id)
-        seq.prompt_logprobs = prompt_logprobs
         if len(first_token_ids) != seq.params.n or not all(0 <= t < self.spec.vocab_size for t in first_token_ids):
             raise InvalidRequestError("first_token", f"{len(first_token_ids)} first token ids for "
                                       f"n = {seq.params.n} samples, or one out of the vocabulary", request_id=request_id)
+        seq.prompt_logprobs = prompt_logprobs
         logprobs = logprobs or [None] * len(first_token_ids)
         self.scheduler.remote_complete(seq)
         forks = self._fork(seq, list(zip(first_token_ids[1:], logprobs[1:])))
