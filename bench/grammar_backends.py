@@ -86,6 +86,8 @@ from pdserve.engine.gguf_cache import GgufCacheEntry
 from pdserve.engine.model_loader import default_model_path, load_model
 from pdserve.errors import InvalidRequestError
 
+from engine import OtherLoad, wait_until_quiet  # bench/engine.py, beside this script
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -105,9 +107,8 @@ BIASED_ROW_SHARE = 0.25
 TARGET_SHARE = 0.10  # the issue's budget: mask work per step / one batch-32 decode step
 AGAIN_MAX_S = 2.0  # a cold compile slower than this is not repeated
 MATCHER_REPEATS = 5
-# Before each timed block, wait (at most QUIET_MAX_WAIT_S) for other processes to use <= QUIET_SHARE of the CPUs:
-# on these shared 2-core VMs they slow OpenMP-threaded torch ops by up to 50x.
-QUIET_SHARE = 0.10
+# Before each timed block, wait (at most QUIET_MAX_WAIT_S) for other processes to use at most 10% of the CPUs
+# (bench/engine.py's wait_until_quiet): on these shared 2-core VMs they slow OpenMP-threaded torch ops by up to 50x.
 QUIET_MAX_WAIT_S = 30.0
 APPLY_REFERENCE_REPEATS = 50
 
@@ -703,32 +704,6 @@ class EngineReference:
         return times
 
 
-class OtherLoad:
-    """Share of the machine's CPU time other processes used since creation (Linux /proc/stat)."""
-
-    def __init__(self) -> None:
-        self.wall, self.busy, self.own = time.perf_counter(), _busy_seconds(), _own_seconds()
-
-    def share(self) -> float:
-        wall = time.perf_counter() - self.wall
-        others = (_busy_seconds() - self.busy) - (_own_seconds() - self.own)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
-def _busy_seconds() -> float:
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
-    except (OSError, ValueError):
-        return 0.0
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -761,7 +736,7 @@ def measure_engine(engine: EngineReference | None, batches: Iterable[int], into:
     if engine is None:
         return
     for batch in batches:
-        wait_until_quiet()
+        wait_until_quiet(QUIET_MAX_WAIT_S)
         other_load = OtherLoad()
         try:
             into.setdefault(str(batch), {})[phase + "_ms"] = [t * 1e3 for t in engine.measure(batch)]
@@ -796,7 +771,7 @@ def run_steps(backends: dict[str, Backend], compiled: dict[str, dict[str, Any]],
             }
             for driver in drivers.values():
                 driver.prepare()
-            wait_until_quiet()
+            wait_until_quiet(QUIET_MAX_WAIT_S)
             other_load, order = OtherLoad(), list(drivers.values())
             for step in range(args.steps):
                 shift = step % len(order)
@@ -808,17 +783,6 @@ def run_steps(backends: dict[str, Backend], compiled: dict[str, dict[str, Any]],
                              **driver.figures(), "other_load_share": share})
                 log(f"{grammar} B={batch} {lib} {rows[-1]['mode']}: {rows[-1]['total_us']['mean']:.0f} us/step mean")
     return rows
-
-
-def wait_until_quiet() -> None:
-    """Sleep until other processes use at most QUIET_SHARE of the CPUs over a second, at most QUIET_MAX_WAIT_S."""
-    deadline = time.perf_counter() + QUIET_MAX_WAIT_S
-    while time.perf_counter() < deadline:
-        load = OtherLoad()
-        time.sleep(1.0)
-        if load.share() <= QUIET_SHARE:
-            return
-    log(f"  the machine stayed busy for {QUIET_MAX_WAIT_S:.0f} s; measuring anyway")
 
 
 def main() -> None:
