@@ -312,14 +312,8 @@ def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) 
     if not wanted:
         return result
     index = torch.tensor(wanted, device=logits.device)
-    logprobs = logits[index].log_softmax(dim=-1)  # [w, V]
-    chosen_ids = torch.tensor([chosen[i] for i in wanted], device=logits.device)
-    chosen_lp = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
     num_top = max(rows[i].params.logprobs or 0 for i in wanted)
-    top_lp, top_ids = logprobs.topk(num_top, dim=-1)  # [w, num_top] each, best first
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        n = rows[i].params.logprobs or 0
-        top = list(zip(top_ids[j][:n], top_lp[j][:n]))
-        result[i] = TokenLogprobs(token_id=chosen[i], logprob=chosen_lp[j], top=top)
+    for i, lp in zip(wanted, token_logprobs(logits[index], [chosen[i] for i in wanted], num_top)):
+        lp.top = lp.top[: rows[i].params.logprobs or 0]  # each row its own n
+        result[i] = lp
     return result
