@@ -131,7 +131,9 @@ class Preprocessor:
         self.chat_template = chat_template  # None: the model's own
         self.max_prompt_chars = max_prompt_chars
         self.add_special_tokens = add_special_tokens  # for plain prompts (a chat template writes its own)
-        self._byte_level: bool | None = None  # whether the vocabulary spells bytes as GPT-2 does
+        # Whether the vocabulary spells bytes as GPT-2 does (token_bytes).
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._token_bytes: dict[int, bytes] = {}
 
     def __call__(
@@ -204,9 +206,6 @@ class Preprocessor:
 
     def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
         """Each id's bytes in the vocabulary: part of a UTF-8 character for some (what logprobs report)."""
-        if self._byte_level is None:
-            decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
-            self._byte_level = type(decoder).__name__ == "ByteLevel"
         out = []
         for token_id in token_ids:
             cached = self._token_bytes.get(token_id)
