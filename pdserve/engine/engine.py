@@ -15,6 +15,7 @@ copying the partly filled last one; each then decodes, and finishes, on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from pdserve.engine.model_loader import LoadedModel, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LayerHook, LlamaModel
 from pdserve.engine.outputs import OutputProcessor, RequestOutput
-from pdserve.engine.sampling import SampleOutput, SamplingRow, TokenLogprobs, sample_seed
+from pdserve.engine.sampling import SampleOutput, TokenLogprobs, sample_seed
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
@@ -308,9 +309,9 @@ class LLMEngine:
 
     def _sample_first_tokens(self, parent: Sequence, logits: torch.Tensor) -> list[tuple[int, TokenLogprobs | None]]:
         """The first tokens of samples 1..n-1, drawn from the [V] logits parent's first token came from."""
-        # Parent's grammar has not taken its first token yet: its mask is every sample's.
-        rows = [SamplingRow(parent.params, parent.num_tokens, parent.prompt_token_ids, (),
-                            sample_seed(parent.seed, index), parent.grammar) for index in range(1, parent.params.n)]
+        # Parent's row but for the seed: its grammar has not taken its first token yet, so its mask is every sample's.
+        row = self.runner.sampling_row(parent)
+        rows = [dataclasses.replace(row, seed=sample_seed(parent.seed, index)) for index in range(1, parent.params.n)]
         samples = self.runner.sampler(logits.unsqueeze(0).repeat(len(rows), 1), rows)
         return list(zip(samples.token_ids, samples.logprobs))
 

@@ -58,7 +58,7 @@ class ModelRunner:
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleOutput:
         """One token per sequence from its [N, V] logits (those of its last position)."""
-        return self.sampler(logits, [self._sampling_row(seq) for seq in seqs])
+        return self.sampler(logits, [self.sampling_row(seq) for seq in seqs])
 
     def _record_prompt_logprobs(self, ordered: list[ScheduledSeq], hidden: torch.Tensor) -> None:
         """Append to each asking sequence's prompt_logprobs those of the prompt tokens its rows predict.
@@ -135,7 +135,8 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     @staticmethod
-    def _sampling_row(seq: Sequence) -> SamplingRow:
+    def sampling_row(seq: Sequence) -> SamplingRow:
+        """What the sampler needs of a sequence for its next token."""
         return SamplingRow(
             params=seq.params,
             position=seq.num_tokens,
