@@ -78,7 +78,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._decode_stub = daemon.Stubs(decode_pb2_grpc.DecodeServiceStub)
         self.membership = Membership(registry)
         self.relays = Relays(registry)
-        self.tokenization = Tokenization(registry, self._rng)
+        self.tokenization = Tokenization(registry, self._rng, self._decode_stub)
 
     # -- worker membership (pdserve.server.router.membership) ------------------------------------
 

@@ -34,11 +34,13 @@ WorkerCall = Callable[[Any, float | None], Awaitable[ResponseT]]
 
 
 class Tokenization:
-    def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
+    def __init__(self, registry: Registry, rng: random.Random | None = None,
+                 decode_stubs: daemon.Stubs[decode_pb2_grpc.DecodeServiceStub] | None = None) -> None:
+        """decode_stubs: the router's own, so that a decode worker is reached over the one channel."""
         self.registry = registry
         self._rng = rng or random.Random()
         self._prefill_stub = daemon.Stubs(prefill_pb2_grpc.PrefillServiceStub)
-        self._decode_stub = daemon.Stubs(decode_pb2_grpc.DecodeServiceStub)
+        self._decode_stub = decode_stubs or daemon.Stubs(decode_pb2_grpc.DecodeServiceStub)
 
     async def tokenize(self, request: tokenize_pb2.TokenizeRequest,
                        timeout_s: float | None) -> tokenize_pb2.TokenizeResponse:
