@@ -149,6 +149,7 @@ class DecodeServicer(WorkerRpcs, decode_pb2_grpc.DecodeServiceServicer):
                     watch.sent()
                     num_sent[out.index] += len(out.token_ids)
                 if out.finish_reason is not None:  # this sample's end (with n = 1, the request's)
+                    metrics.inc_preemptions(out.num_preemptions)
                     if finished:
                         self._observe_finished(out, attempt, remote, started, ttft_ms, decode_start_ns)
                     yield self._result(rid, out, attempt, remote, started, ttft_ms)
@@ -179,7 +180,6 @@ class DecodeServicer(WorkerRpcs, decode_pb2_grpc.DecodeServiceServicer):
         m.record_request(out.finish_reason or "unknown", "OK", e2e_s=time.monotonic() - started,
                          ttft_s=ttft_ms / 1e3 if ttft_ms is not None else None, queue_s=out.queue_s,
                          num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens)
-        m.inc_preemptions(out.num_preemptions)
         if remote:
             m.record_kv_transfer(attempt.kv_transfer_ms / 1e3, attempt.kv_bytes)
         else:
